@@ -1,0 +1,73 @@
+"""OpenVINO engine (CPU): runs QDQ ONNX as real INT8 (u8/i8 convolutions)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import openvino as ov
+import torch
+
+from ..errors import EngineUnavailableError, ModelFileError
+from .base import Engine
+
+
+class OpenVinoEngine(Engine):
+    """Reads the ONNX file directly; Q/DQ pairs become FakeQuantize and run as int8 kernels.
+
+    ``INFERENCE_PRECISION_HINT`` is pinned to f32 so the float parts are not silently run in
+    bf16 on CPUs that support it (FP32 numbers must be FP32). One compiled model per batch
+    size (static shapes are faster than a dynamic batch on CPU).
+    """
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        precision: str = "int8",
+        device: str | torch.device = "cpu",
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(model_path, precision, device)
+        if self.device.type != "cpu":
+            raise EngineUnavailableError(f"the OpenVINO engine runs on CPU, not {self.device}")
+        self.core = ov.Core()
+        try:
+            self.model = self.core.read_model(str(self.model_path))
+        except Exception as err:
+            raise ModelFileError(f"OpenVINO cannot read {self.model_path}: {err}") from err
+        self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._compiled: dict[int, ov.CompiledModel] = {}
+
+    def compiled(self, batch: int) -> ov.CompiledModel:
+        """The model compiled for a static batch size (cached)."""
+        if batch not in self._compiled:
+            model = self.model.clone()
+            shape = [batch, *[d for d in self.spec.input_shape[1:]]]
+            if any(d is None for d in shape):
+                raise ModelFileError(f"{self.model_path}: OpenVINO engine needs static C/D/H/W, got {shape}")
+            model.reshape({self.spec.input_name: ov.PartialShape(shape)})
+            self._compiled[batch] = self.core.compile_model(model, "CPU", self.config)
+        return self._compiled[batch]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        feed = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        compiled = self.compiled(feed.shape[0])
+        result = compiled({self.spec.input_name: feed})
+        return torch.from_numpy(np.array(result[compiled.output(0)]))
+
+    def runtime_precisions(self, batch: int = 1) -> Counter:
+        """Counts of (layer type, runtime precision) in the compiled CPU graph, e.g. ('Convolution', 'u8')."""
+        runtime = self.compiled(batch).get_runtime_model()
+        counts: Counter = Counter()
+        for op in runtime.get_ordered_ops():
+            info = op.get_rt_info()
+            counts[(info["layerType"].astype(str), info["runtimePrecision"].astype(str))] += 1
+        return counts
+
+    def describe(self) -> dict[str, str]:
+        return {**super().describe(), "openvino": ov.__version__}
