@@ -1,9 +1,13 @@
 """MONAI bundle components: engine-backed network, transforms, calibration workflow."""
 
+from .calibration import BundleCalibrator
+from .network import EngineNetwork
 from .paths import bundle_root, list_images, paired_datalist
 from .transforms import LoadNiftid, RemapLabelsd, SaveLabeld, ValidateImaged
 
 __all__ = [
+    "BundleCalibrator",
+    "EngineNetwork",
     "LoadNiftid",
     "RemapLabelsd",
     "SaveLabeld",

@@ -20,13 +20,14 @@ def bundle_root(default: str = ".") -> str:
     stack and returns the parent of its ``configs`` folder; outside a workflow (e.g. a plain
     ``ConfigParser``) it returns ``default``. An explicit ``--bundle_root`` override wins anyway.
     """
+    from monai.bundle import ConfigWorkflow
+
     frame = inspect.currentframe()
     try:
         while frame is not None:
             owner = frame.f_locals.get("self")
-            root = getattr(owner, "config_root_path", None)
-            if root is not None:
-                root = Path(root)
+            if isinstance(owner, ConfigWorkflow):
+                root = Path(owner.config_root_path)
                 return str((root.parent if root.name == "configs" else root).resolve())
             frame = frame.f_back
     finally:

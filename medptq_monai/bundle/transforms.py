@@ -54,8 +54,10 @@ class LoadNiftid(LoadImaged):
 class ValidateImaged(MapTransform):
     """Check channel-first images: rank ``1 + spatial_dims``, ``num_channels`` channels, finite voxels."""
 
-    def __init__(self, keys: KeysCollection, num_channels: int = 1, spatial_dims: int = 3) -> None:
-        super().__init__(keys)
+    def __init__(
+        self, keys: KeysCollection, num_channels: int = 1, spatial_dims: int = 3, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
         self.num_channels = int(num_channels)
         self.spatial_dims = int(spatial_dims)
 
@@ -87,8 +89,8 @@ class RemapLabelsd(MapTransform):
     ``mapping=None`` leaves labels unchanged (data already in the model's class indices).
     """
 
-    def __init__(self, keys: KeysCollection, mapping: Mapping | None) -> None:
-        super().__init__(keys)
+    def __init__(self, keys: KeysCollection, mapping: Mapping | None, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
         self.mapping = None if mapping is None else {int(k): int(v) for k, v in mapping.items()}
 
     def __call__(self, data):

@@ -1,0 +1,133 @@
+"""``BundleCalibrator``: the calibration workflow behind ``configs/calibrate.json``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calibrate.patches import PatchPlan, sample_patches
+from ..calibrate.quantize import QuantizeOptions, quantize_onnx
+from ..errors import CalibrationError, ModelFileError
+from ..export.onnx_model import io_spec, load_onnx
+from ..export.torch_export import export_fp32
+from ..fileio import atomic_path, sha256_file
+
+logger = logging.getLogger(__name__)
+
+
+class BundleCalibrator:
+    """Export (or take) the FP32 ONNX, cut seeded patches from the bundle's preprocessed data,
+    calibrate, and write ``<output_dir>/model.onnx`` and ``<output_dir>/model_int8.onnx``.
+
+    ``dataset`` is the bundle's MONAI dataset (its ``preprocessing`` applied). The model is the
+    bundle ``network_def`` + ``checkpoint``, or ``source_onnx``: an FP32 ONNX exported elsewhere
+    (e.g. the MedPTQ ``unet_fp32.onnx``), which must match the bundle's channels/classes/roi.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence,
+        output_dir: str | os.PathLike,
+        in_channels: int,
+        num_classes: int,
+        roi_size: Sequence[int],
+        network: torch.nn.Module | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        source_onnx: str | os.PathLike | None = None,
+        calibrator: str = "entropy",
+        num_patches: int = 32,
+        seed: int = 0,
+        percentile: float = 99.99,
+        exclude: Sequence[str] = (),
+        foreground_fraction: float = 0.5,
+        foreground_threshold: float = 0.0,
+        image_key: str = "image",
+        fp32_name: str = "model.onnx",
+        int8_name: str = "model_int8.onnx",
+        progress: bool = True,
+    ) -> None:
+        if network is None and source_onnx is None:
+            raise CalibrationError("give either network (+ checkpoint) or source_onnx")
+        self.options = QuantizeOptions(
+            calibrator=calibrator, num_patches=int(num_patches), seed=int(seed), percentile=float(percentile),
+            exclude=tuple(exclude),
+        )
+        self.plan = PatchPlan(
+            roi_size=tuple(int(r) for r in roi_size), num_patches=int(num_patches), seed=int(seed),
+            foreground_fraction=float(foreground_fraction), foreground_threshold=float(foreground_threshold),
+        )
+        self.dataset = dataset
+        self.output_dir = Path(output_dir)
+        self.in_channels, self.num_classes = int(in_channels), int(num_classes)
+        self.network, self.checkpoint, self.source_onnx = network, checkpoint, source_onnx
+        self.image_key = image_key
+        self.fp32_path = self.output_dir / fp32_name
+        self.int8_path = self.output_dir / int8_name
+        self.progress = progress
+
+    def _fp32_model(self) -> str | None:
+        """Write the FP32 ONNX; return the source sha256 to record."""
+        if self.source_onnx is not None:
+            src = Path(self.source_onnx)
+            load_onnx(src, load_weights=False)
+            if src.resolve() != self.fp32_path.resolve():
+                with atomic_path(self.fp32_path, suffix=".onnx") as tmp:
+                    shutil.copyfile(src, tmp)
+            return sha256_file(src)
+        export_fp32(self.network, self.fp32_path, self.in_channels, self.plan.roi_size, checkpoint=self.checkpoint)
+        return sha256_file(self.checkpoint) if self.checkpoint else None
+
+    def _check_fp32(self) -> None:
+        spec = io_spec(self.fp32_path)
+        if spec.in_channels not in (None, self.in_channels) or spec.num_classes not in (None, self.num_classes):
+            raise ModelFileError(
+                f"{self.fp32_path}: model is {spec.in_channels} channel(s) → {spec.num_classes} classes, "
+                f"the bundle metadata says {self.in_channels} → {self.num_classes}"
+            )
+        if all(d is not None for d in spec.spatial_shape) and tuple(spec.spatial_shape) != self.plan.roi_size:
+            raise ModelFileError(
+                f"{self.fp32_path}: model patch shape {spec.spatial_shape} differs from the bundle roi {self.plan.roi_size}"
+            )
+
+    def _volumes(self):
+        for item in self.dataset:
+            if isinstance(item, list):  # a dataset whose transforms return several crops
+                raise CalibrationError("calibration dataset items must be single volumes, not lists of crops")
+            yield item[self.image_key] if isinstance(item, dict) else item
+
+    def run(self) -> dict:
+        """Run export + calibration + quantization; returns a summary (also logged)."""
+        try:
+            count = len(self.dataset)
+        except TypeError:
+            count = None
+        if count == 0:
+            raise CalibrationError("no calibration data: the dataset is empty (check --dataset_dir)")
+        source_sha = self._fp32_model()
+        self._check_fp32()
+        patches = sample_patches(self._volumes(), self.plan, num_volumes=count)
+        with tqdm(total=self.plan.num_patches, desc=f"calibrating ({self.options.calibrator})",
+                  unit="patch", disable=not self.progress) as bar:
+            result = quantize_onnx(
+                self.fp32_path, self.int8_path, patches, self.options, source_sha256=source_sha,
+                on_patch=lambda _n: bar.update(1),
+            )
+        summary = {
+            "fp32_onnx": str(self.fp32_path),
+            "int8_onnx": str(self.int8_path),
+            "fp32_bytes": self.fp32_path.stat().st_size,
+            "int8_bytes": self.int8_path.stat().st_size,
+            "calibrator": self.options.calibrator,
+            "num_patches": result.num_patches,
+            "seed": self.options.seed,
+            "quantized_nodes": len(result.quantized_nodes),
+            "excluded_nodes": result.excluded_nodes,
+        }
+        logger.info("calibration done: %s", summary)
+        return summary
