@@ -93,6 +93,39 @@ def select_nodes(model: onnx.ModelProto, options: QuantizeOptions) -> tuple[list
     return chosen, excluded, tensors
 
 
+def restore_float_inputs(model: onnx.ModelProto, nodes: Sequence[str]) -> int:
+    """Reconnect activation inputs of ``nodes`` that ONNX Runtime routed through a shared Q→DQ pair
+    back to the float tensor, then drop Q/DQ nodes left without consumers. Returns inputs restored.
+
+    ONNX Runtime quantizes a tensor once for all its consumers, so a node excluded by name still
+    reads the dequantized tensor when another consumer of the same tensor is quantized.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    wanted, restored = set(nodes), 0
+    for node in model.graph.node:
+        if node.name not in wanted:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in inits:
+                continue
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+                restored += 1
+    graph_outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | graph_outputs
+        dead = [n for n in model.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not set(n.output) & used]
+        if not dead:
+            break
+        for n in dead:
+            model.graph.node.remove(n)
+    return restored
+
+
 def _checked(patches: Iterable[np.ndarray], want: Sequence[int | None]) -> Iterator[np.ndarray]:
     for i, patch in enumerate(patches):
         shape = tuple(np.shape(patch))
@@ -170,6 +203,7 @@ def quantize_onnx(
         finally:
             ort_logger.setLevel(level)
         int8 = onnx.load(str(raw))
+        restore_float_inputs(int8, excluded)
         meta = {
             "medptq.version": __version__,
             "medptq.precision": "int8",

@@ -1,0 +1,92 @@
+"""``medptq`` command line (fire): calibrate, check, demo, bench, info."""
+
+from __future__ import annotations
+
+import sys
+
+import fire
+
+from .errors import MedPTQError
+
+
+class Commands:
+    """medptq-monai: INT8 post-training quantization for MONAI 3D segmentation bundles."""
+
+    def calibrate(
+        self,
+        bundle: str,
+        dataset_dir: str,
+        calibrator: str | None = None,
+        num_patches: int | None = None,
+        seed: int | None = None,
+        source_onnx: str | None = None,
+        exclude: str = "",
+    ) -> dict:
+        """Calibrate a bundle on the NIfTIs in DATASET_DIR; writes models/model.onnx and models/model_int8.onnx.
+
+        SOURCE_ONNX: quantize an FP32 ONNX exported elsewhere instead of network_def + models/model.pt.
+        EXCLUDE: comma-separated node-name patterns kept in float.
+        """
+        from .bundle.runner import bundle_parser
+
+        overrides: dict = {"dataset_dir": dataset_dir}
+        for key, value in (("calibrator", calibrator), ("calib_num_patches", num_patches), ("calib_seed", seed),
+                           ("source_onnx", source_onnx)):
+            if value is not None:
+                overrides[key] = value
+        if exclude:
+            overrides["calib_exclude"] = [p for p in str(exclude).split(",") if p]
+        parser = bundle_parser(bundle, ["inference.json", "calibrate.json"], **overrides)
+        return parser.get_parsed_content("calibration").run()
+
+    def check(self, onnx: str) -> dict:
+        """Static TensorRT explicit-quantization check of a QDQ ONNX; exits non-zero on any issue."""
+        from .export.onnx_model import load_onnx
+        from .export.trt_check import assert_tensorrt_compatible, qdq_summary
+
+        model = load_onnx(onnx)
+        assert_tensorrt_compatible(model, name=onnx)
+        return qdq_summary(model)
+
+    def demo(self, bundle: str = "bundles/unet_int8", data_dir: str = "tests/data/totalseg_ct",
+             out_dir: str = "reports", engine: str = "auto") -> None:
+        """The main job: calibrate, FP32 + INT8 whole-volume inference on the real CT, reports/demo.{json,md}."""
+        from .demo import run_demo
+
+        run_demo(bundle, data_dir, out_dir, engine)
+
+    def bench(self, bundle: str = "bundles/unet_int8", data_dir: str = "tests/data/totalseg_ct",
+              out_dir: str = "reports", repeats: int = 10, warmup: int = 2, engines: str | None = None,
+              quick: bool = False, calibrate: bool = False) -> None:
+        """Benchmark torch FP32 vs ONNX Runtime / OpenVINO / TensorRT FP32 and INT8; reports/benchmark.*"""
+        from .benchmark import run_benchmark
+
+        run_benchmark(bundle=bundle, data_dir=data_dir, out_dir=out_dir, repeats=repeats, warmup=warmup,
+                      engines=engines, quick=quick, calibrate=calibrate)
+
+    def info(self) -> dict:
+        """Installed engines and versions."""
+        from .benchmark import machine_info
+        from .engines.tensorrt_engine import tensorrt_available
+
+        usable, reason = tensorrt_available()
+        return {**machine_info(), "tensorrt_usable": usable, "tensorrt_reason": reason}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: errors from bad input print one clear line and exit with status 2."""
+    try:
+        fire.Fire(Commands, command=argv, name="medptq")
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, MedPTQError):
+            cause = cause.__cause__  # MONAI wraps component errors in RuntimeError
+        if cause is None:
+            raise
+        print(f"medptq: error: {cause}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

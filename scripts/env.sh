@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sourced by demo.sh and test.sh: create or reuse .venv in the repository and install
+# medptq-monai with its CPU engines and test tools. Re-installs only when the
+# dependency files changed. torch is installed first, pinned to the CPU build.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=.venv/.medptq-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ]; then
+    echo "installing medptq-monai and its dependencies into .venv ..."
+    python -m pip install -q --upgrade pip
+    python -m pip install -q -c requirements/constraints.txt "torch==2.13.0"
+    python -m pip install -q -c requirements/constraints.txt -e ".[cpu,test]"
+    touch "$stamp"
+fi
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"

@@ -1,0 +1,76 @@
+"""Shared fixtures: real CT data, a small real network exported/quantized once, a bundle copy."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import UNet
+
+from medptq_monai.calibrate.patches import PatchPlan, sample_patches
+from medptq_monai.calibrate.quantize import QuantizeOptions, quantize_onnx
+from medptq_monai.export.torch_export import export_fp32
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "totalseg_ct"
+BUNDLE = ROOT / "bundles" / "unet_int8"
+SMALL_ROI = (32, 32, 32)
+
+
+def small_unet() -> torch.nn.Module:
+    """A small MONAI UNet with the bundle's block types (Conv/ConvTranspose, BatchNorm, ReLU)."""
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, (8, 16, 32), (2, 2), num_res_units=1, norm="batch", act="relu")
+    # non-trivial BatchNorm statistics so folding is exercised
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def ct_volume() -> np.ndarray:
+    """The small real CT, HU-windowed to [0, 1], as [1, D, H, W] float32."""
+    arr = np.asarray(nib.load(str(DATA / "images_small" / "abdomen_ct_small.nii.gz")).dataobj, dtype=np.float32)
+    return np.clip((arr + 175.0) / 425.0, 0.0, 1.0)[None]
+
+
+def ct_patches(n: int, seed: int = 0, roi=SMALL_ROI) -> list[np.ndarray]:
+    return list(sample_patches([ct_volume()], PatchPlan(roi_size=roi, num_patches=n, seed=seed)))
+
+
+@pytest.fixture(scope="session")
+def small_fp32(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("small") / "small_fp32.onnx"
+    export_fp32(small_unet(), path, 1, SMALL_ROI)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_int8(small_fp32) -> Path:
+    out = small_fp32.with_name("small_int8.onnx")
+    quantize_onnx(small_fp32, out, ct_patches(6), QuantizeOptions(calibrator="max"))
+    return out
+
+
+def copy_bundle(dest: Path) -> Path:
+    """Copy the unet_int8 bundle (configs, docs, shipped checkpoint; no generated models) to ``dest``."""
+    shutil.copytree(BUNDLE, dest, ignore=shutil.ignore_patterns("*.onnx", "eval", ".cache", "*.plan"))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def calibrated_bundle(tmp_path_factory) -> Path:
+    """The real bundle with its shipped demo checkpoint, calibrated on the small real CT (8 patches)."""
+    from medptq_monai.bundle.runner import bundle_parser
+
+    bundle = copy_bundle(tmp_path_factory.mktemp("bundle") / "unet_int8")
+    parser = bundle_parser(
+        bundle, ["inference.json", "calibrate.json"], dataset_dir=str(DATA / "images_small"), calib_num_patches=8
+    )
+    parser.get_parsed_content("calibration").run()
+    return bundle

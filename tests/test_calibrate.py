@@ -1,0 +1,99 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from medptq_monai.calibrate.calibrators import CALIBRATORS, mse_threshold
+from medptq_monai.calibrate.quantize import QuantizeOptions, quantize_onnx
+from medptq_monai.errors import CalibrationError, UnknownNameError
+from medptq_monai.export.onnx_model import io_spec, metadata
+from medptq_monai.export.trt_check import check_qdq_for_tensorrt, count_float_weight_qdq, qdq_summary
+
+from conftest import ct_patches
+
+
+def _scales(path):
+    model = onnx.load(str(path))
+    return {i.name: numpy_helper.to_array(i).tobytes() for i in model.graph.initializer if i.name.endswith("_scale")}
+
+
+def test_fp32_export_has_dynamic_batch_and_opset(small_fp32):
+    model = onnx.load(str(small_fp32))
+    onnx.checker.check_model(model)
+    spec = io_spec(model)
+    assert spec.input_name == "input" and spec.output_name == "output"
+    assert spec.input_shape == (None, 1, 32, 32, 32) and spec.num_classes == 3
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+
+
+@pytest.mark.parametrize("calibrator", CALIBRATORS)
+def test_each_calibrator_gives_a_valid_compact_trt_ready_model(small_fp32, tmp_path, calibrator):
+    out = tmp_path / f"{calibrator}.onnx"
+    res = quantize_onnx(small_fp32, out, ct_patches(4), QuantizeOptions(calibrator=calibrator, seed=5))
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert check_qdq_for_tensorrt(model) == []
+    assert count_float_weight_qdq(model) == 0
+    summary = qdq_summary(model)
+    assert summary["quantized_ops"].get("Conv", 0) > 0 and summary["quantized_ops"].get("ConvTranspose", 0) > 0
+    meta = metadata(model)
+    assert meta["medptq.calibrator"] == calibrator and meta["medptq.num_patches"] == "4"
+    assert meta["medptq.seed"] == "5" and len(meta["medptq.fp32_sha256"]) == 64 and "medptq.version" in meta
+    assert res.num_patches == 4 and res.quantized_nodes
+    # norm layers stay float: no DequantizeLinear feeds a normalisation
+    norm_inputs = {i for n in model.graph.node if "Norm" in n.op_type for i in n.input}
+    assert not norm_inputs & {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+
+
+def test_same_seed_same_data_gives_bit_identical_scales(small_fp32, tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    for out in (a, b):
+        quantize_onnx(small_fp32, out, ct_patches(4, seed=1), QuantizeOptions(calibrator="entropy", seed=1))
+    sa, sb = _scales(a), _scales(b)
+    assert sa and sa == sb
+    c = tmp_path / "c.onnx"
+    quantize_onnx(small_fp32, c, ct_patches(4, seed=2), QuantizeOptions(calibrator="entropy", seed=2))
+    assert _scales(c) != sa
+
+
+def test_exclusion_by_name_pattern_keeps_nodes_float(small_fp32, tmp_path):
+    model = onnx.load(str(small_fp32))
+    first_conv = next(n.name for n in model.graph.node if n.op_type == "Conv")
+    out = tmp_path / "excl.onnx"
+    res = quantize_onnx(small_fp32, out, ct_patches(2), QuantizeOptions(calibrator="max", exclude=[first_conv]))
+    assert first_conv in res.excluded_nodes and first_conv not in res.quantized_nodes
+    q = onnx.load(str(out))
+    node = next(n for n in q.graph.node if n.name == first_conv)
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    assert producers.get(node.input[0]) != "DequantizeLinear"
+
+
+def test_no_calibration_data_is_an_error(small_fp32, tmp_path):
+    with pytest.raises(CalibrationError, match="no calibration data"):
+        quantize_onnx(small_fp32, tmp_path / "x.onnx", [], QuantizeOptions(calibrator="max"))
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_wrong_patch_shape_is_an_error(small_fp32, tmp_path):
+    bad = [np.zeros((1, 1, 16, 32, 32), np.float32)]
+    with pytest.raises(CalibrationError, match="shape"):
+        quantize_onnx(small_fp32, tmp_path / "x.onnx", bad, QuantizeOptions(calibrator="max"))
+    two_channels = [np.zeros((1, 2, 32, 32, 32), np.float32)]
+    with pytest.raises(CalibrationError, match="shape"):
+        quantize_onnx(small_fp32, tmp_path / "x.onnx", two_channels, QuantizeOptions(calibrator="max"))
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_unknown_calibrator_is_rejected():
+    with pytest.raises(UnknownNameError, match="minmax"):
+        QuantizeOptions(calibrator="minmax")
+
+
+def test_mse_threshold_clips_outliers_but_not_a_uniform_range():
+    edges = np.linspace(0, 10, 2049, dtype=np.float32)
+    uniform = np.ones(2048)
+    assert mse_threshold(uniform, edges) > 9.5
+    tailed = np.zeros(2048)
+    tailed[:200] = 1e6  # mass below ~1.0
+    tailed[-1] = 1  # one outlier at 10
+    assert mse_threshold(tailed, edges) < 2.0
