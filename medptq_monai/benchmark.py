@@ -166,7 +166,7 @@ def machine_info() -> dict[str, Any]:
         "physical_cores": psutil.cpu_count(logical=False),
         "torch_threads": torch.get_num_threads(),
         "memory_bytes": psutil.virtual_memory().total,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "gpu": gpu,
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -196,7 +196,9 @@ def parse_engines(engines: str | Sequence[str] | None) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
     unknown = [n for n in names if n not in BENCH_ENGINES]
     if unknown or not names:
-        raise UnknownNameError(f"unknown benchmark engine(s) {unknown or engines!r}; choose from {', '.join(BENCH_ENGINES)}")
+        raise UnknownNameError(
+            f"unknown benchmark engine(s) {unknown or engines!r}; choose from {', '.join(BENCH_ENGINES)}"
+        )
     return names
 
 
@@ -338,7 +340,7 @@ def build_engine(spec: RowSpec, case: _Case) -> Engine:
         return cls(model, spec.precision, spec.device, threads=case.threads)
     return create_engine(
         spec.engine, model, spec.precision, spec.device,
-        torch_network=case.parser.get_parsed_content("network_def", lazy=False),
+        torch_network=case.parser.get_parsed_content("network_def", lazy=False) if spec.engine == "torch" else None,
         checkpoint=models / "model.pt", in_channels=case.in_channels, num_classes=case.num_classes,
         cache_dir=case.bundle / ".cache",
     )
@@ -347,7 +349,7 @@ def build_engine(spec: RowSpec, case: _Case) -> Engine:
 def _row(spec: RowSpec, status: str = "ok", reason: str | None = None) -> dict[str, Any]:
     keys = ("patch_median_s", "patch_p95_s", "patch_times_s", "volume_s", "volume_times_s", "speedup_vs_torch_volume",
             "speedup_vs_torch_patch", "dice_vs_labels", "dice_per_class_vs_labels", "dice_vs_torch_fp32",
-            "peak_rss_bytes", "rss_start_bytes", "engine_info")
+            "peak_rss_bytes", "rss_start_bytes", "baseline", "engine_info")
     return {"label": spec.label, "engine": spec.engine, "precision": spec.precision, "device": spec.device,
             "status": status, "reason": reason, **dict.fromkeys(keys)}
 
@@ -407,8 +409,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# medptq-monai benchmark", "",
         f"Volume `{Path(s['volume_image']).name}` preprocessed to {s['volume_shape']}, roi {s['roi_size']}, "
-        f"sw_batch_size {s['sw_batch_size']}, overlap {s['overlap']}, {s['blend_mode']} blending; per patch: "
-        f"batch 1, {s['warmup']} warm-up + {s['repeats']} timed calls; whole volume: median of "
+        f"sw_batch_size {s['sw_batch_size']}, overlap {s['overlap']}, {s['blend_mode']} blending; per patch "
+        f"(a roi patch of that volume centred on the labelled organs): batch 1, {s['warmup']} warm-up + "
+        f"{s['repeats']} timed calls; whole volume: median of "
         f"{s['volume_repeats']} run(s). Speedups are vs the torch FP32 row on the same device.", "",
         "| engine | precision | patch median ms | p95 ms | volume s | speedup volume | speedup patch "
         "| Dice vs labels | Dice vs FP32 | peak RSS MiB |",
@@ -430,8 +433,9 @@ def render_markdown(report: dict[str, Any]) -> str:
              else cal["note"])
     lines += [
         "", *notes, *([""] if notes else []),
-        f"ONNX size: FP32 {_fmt(sizes['onnx_fp32_bytes'], ',.0f')} bytes, INT8 {_fmt(sizes['onnx_int8_bytes'], ',.0f')} "
-        f"bytes ({_fmt(sizes['size_ratio'], '.2f', suffix='x')} smaller).", "",
+        f"ONNX size: FP32 {_fmt(sizes['onnx_fp32_bytes'], ',.0f')} bytes, "
+        f"INT8 {_fmt(sizes['onnx_int8_bytes'], ',.0f')} bytes "
+        f"({_fmt(sizes['size_ratio'], '.2f', suffix='x')} smaller).", "",
         f"Calibration: {calib}.", "",
         f"Machine: {m['summary']}; load average {m['load_average']}; torch {m['versions']['torch']}, "
         f"MONAI {m['versions']['monai']}, ONNX Runtime {m['versions']['onnxruntime']}, OpenVINO "
@@ -447,7 +451,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure
 
     rows = [r for r in report["rows"] if r["status"] == "ok"]
-    labels = [f"{r['label']}" for r in rows]
+    labels = [r["label"] for r in rows]
     fig = Figure(figsize=(11, 0.5 * max(len(rows), 2) + 1.8))
     FigureCanvasAgg(fig)
     for ax, key, scale, title in zip(fig.subplots(1, 2), ("patch_median_s", "volume_s"), (1e3, 1.0),
@@ -455,6 +459,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         values = [r[key] * scale for r in rows]
         ax.barh(labels, values, color=["#888888" if r["engine"] == "torch" else "#3b7dd8" for r in rows])
         ax.invert_yaxis()
+        ax.margins(x=0.15)
         ax.set_title(title)
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
@@ -466,9 +471,11 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
 
 def write_reports(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` to ``out_dir`` atomically."""
-    out = Path(out_dir)
+    """Write ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` to ``out_dir`` atomically
+    (their paths are recorded in ``report["files"]`` first)."""
+    out = Path(out_dir).resolve()
     paths = {ext: out / f"benchmark.{ext}" for ext in ("json", "md", "png")}
+    report["files"] = {ext: str(path) for ext, path in paths.items()}
     write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
     write_text_atomic(paths["md"], render_markdown(report))
     plot_report(report, paths["png"])
@@ -581,7 +588,6 @@ def run_benchmark(
         "calibration": calibration,
         "rows": rows,
     }
-    report["files"] = {ext: str(Path(out_dir).resolve() / f"benchmark.{ext}") for ext in ("json", "md", "png")}
     write_reports(report, out_dir)
     return report
 

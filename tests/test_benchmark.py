@@ -1,0 +1,163 @@
+"""Benchmark: a real quick run (torch, ONNX Runtime, OpenVINO; TensorRT skipped without a GPU) on the
+small real CT with a shrunken copy of the bundle, plus the Dice helpers and input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medptq_monai.benchmark import dice_per_class, mean_dice, parse_engines, run_benchmark
+from medptq_monai.bundle.runner import bundle_parser
+from medptq_monai.engines.tensorrt_engine import tensorrt_available
+from medptq_monai.errors import InputImageError, ModelFileError, UnknownNameError
+
+from conftest import BUNDLE, DATA, copy_bundle
+
+ROI = [48, 48, 48]
+ROW_KEYS = {
+    "label", "engine", "precision", "device", "status", "reason", "patch_median_s", "patch_p95_s", "patch_times_s",
+    "volume_s", "volume_times_s", "speedup_vs_torch_volume", "speedup_vs_torch_patch", "dice_vs_labels",
+    "dice_per_class_vs_labels", "dice_vs_torch_fp32", "peak_rss_bytes",
+}
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _shrink(meta: dict) -> None:
+    for io in ("inputs", "outputs"):
+        for spec in meta["network_data_format"][io].values():
+            spec["spatial_shape"] = ROI
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle's configs with a smaller UNet (same block types), a 48³ roi and a seeded random checkpoint."""
+    bundle = copy_bundle(tmp_path_factory.mktemp("bench") / "unet_int8")
+    _edit_json(bundle / "configs" / "inference.json", lambda c: (
+        c["network_def"].update(channels=[8, 16, 32, 128], strides=[2, 2, 2], num_res_units=1),
+        c.update(overlap=0.25),
+    ))
+    _edit_json(bundle / "configs" / "metadata.json", _shrink)
+    torch.manual_seed(0)
+    net = bundle_parser(bundle, ["inference.json"]).get_parsed_content("network_def")
+    (bundle / "models").mkdir(exist_ok=True)
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def report(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One quick benchmark; the ONNX models come from the calibration subprocess (2 patches)."""
+    out = tmp_path_factory.mktemp("reports")
+    return run_benchmark(bundle=str(tiny_bundle), data_dir=str(DATA), out_dir=str(out), quick=True,
+                         engines="torch,onnxruntime,openvino,tensorrt", calibrate=True, calib_patches=2)
+
+
+def test_reports_written(report: dict) -> None:
+    files = {k: Path(v) for k, v in report["files"].items()}
+    assert all(p.is_file() and p.stat().st_size > 0 for p in files.values())
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads(files["json"].read_text())
+    assert on_disk["rows"] == report["rows"] and on_disk["schema"] == "medptq-benchmark-v1"
+    assert not list(files["json"].parent.glob(".*tmp*"))  # atomic writes left no temporaries
+    s = on_disk["settings"]
+    assert s["quick"] and (s["repeats"], s["warmup"], s["volume_repeats"]) == (3, 1, 1)
+    assert s["roi_size"] == ROI and s["patch_shape"] == [1, 1, *ROI]
+    assert Path(s["volume_image"]).parent.name == "images_small"
+    machine = on_disk["machine"]
+    assert machine["cpu_count"] >= 1 and machine["torch_threads"] >= 1 and machine["cpu_model"]
+    assert {"torch", "monai", "onnxruntime", "openvino", "tensorrt"} <= set(machine["versions"])
+    assert machine["date"] and isinstance(machine["command"], list)
+
+
+def test_rows_measured(report: dict) -> None:
+    rows = {(r["engine"], r["precision"]): r for r in report["rows"] if r["device"] == "cpu"}
+    assert set(rows) == {("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                         ("openvino", "fp32"), ("openvino", "int8")}
+    for row in report["rows"]:
+        assert ROW_KEYS <= set(row)
+    for row in rows.values():
+        assert row["status"] == "ok", row["reason"]
+        assert len(row["patch_times_s"]) == 3 and 0 < row["patch_median_s"] <= row["patch_p95_s"]
+        assert row["volume_s"] > 0 and row["peak_rss_bytes"] > 0
+        assert row["speedup_vs_torch_volume"] > 0 and row["speedup_vs_torch_patch"] > 0
+        for key in ("dice_vs_labels", "dice_vs_torch_fp32"):
+            assert row[key] is None or 0.0 <= row[key] <= 1.0
+        assert all(0.0 <= v <= 1.0 for v in row["dice_per_class_vs_labels"].values())
+    torch_row = rows[("torch", "fp32")]
+    assert torch_row["speedup_vs_torch_volume"] == 1.0 and torch_row["dice_vs_torch_fp32"] in (1.0, None)
+    # FP32 ONNX reproduces the torch argmax almost exactly
+    assert rows[("onnxruntime", "fp32")]["dice_vs_torch_fp32"] > 0.95
+
+
+def test_sizes_and_calibration(report: dict) -> None:
+    sizes, cal = report["sizes"], report["calibration"]
+    assert sizes["onnx_fp32_bytes"] > sizes["onnx_int8_bytes"] > 0
+    assert sizes["size_ratio"] > 3.5
+    assert cal["ran"] and cal["calib_peak_bytes"] > 50 * 2**20 and cal["seconds"] > 0
+
+
+def test_markdown_has_a_row_per_engine(report: dict) -> None:
+    md = Path(report["files"]["md"]).read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| engine")]
+    assert len(table) == len(report["rows"])
+    for row in report["rows"]:
+        assert any(line.startswith(f"| {row['label']}") for line in table)
+    assert "ONNX size" in md and "Machine:" in md
+
+
+@pytest.mark.skipif(tensorrt_available()[0], reason="TensorRT is usable here")
+def test_tensorrt_reported_as_skipped(report: dict) -> None:
+    trt = [r for r in report["rows"] if r["engine"] == "tensorrt"]
+    assert [r["precision"] for r in trt] == ["fp32", "fp16", "int8"]
+    assert all(r["status"] == "skipped" and r["reason"] for r in trt)
+    assert all(r["patch_median_s"] is None and r["dice_vs_labels"] is None for r in trt)
+
+
+def test_existing_models_are_reused(tiny_bundle: Path, report: dict, tmp_path: Path) -> None:
+    """No calibration without asking when the INT8 model exists; the engine filter limits rows."""
+    int8 = tiny_bundle / "models" / "model_int8.onnx"
+    mtime = int8.stat().st_mtime_ns
+    again = run_benchmark(bundle=str(tiny_bundle), data_dir=str(DATA), out_dir=str(tmp_path), quick=True,
+                          engines="openvino", threads=1)
+    assert int8.stat().st_mtime_ns == mtime
+    assert not again["calibration"]["ran"] and again["calibration"]["calib_peak_bytes"] is None
+    assert again["calibration"]["note"]
+    assert [(r["engine"], r["precision"], r["status"]) for r in again["rows"]] == [
+        ("openvino", "fp32", "ok"), ("openvino", "int8", "ok")]
+    assert again["rows"][0]["speedup_vs_torch_volume"] is None  # no torch row asked for
+    assert again["settings"]["threads"] == 1
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(UnknownNameError):
+        run_benchmark(engines="torch,tensorflow", out_dir=str(tmp_path))
+    with pytest.raises(UnknownNameError):
+        parse_engines("auto")
+    assert parse_engines(("openvino", "torch")) == ("openvino", "torch")  # what fire passes for "openvino,torch"
+    with pytest.raises(ModelFileError):
+        run_benchmark(bundle=str(tmp_path / "nope"), data_dir=str(DATA), out_dir=str(tmp_path))
+    with pytest.raises(InputImageError):
+        run_benchmark(bundle=str(BUNDLE), data_dir=str(tmp_path / "nope"), out_dir=str(tmp_path))
+    assert not list(tmp_path.iterdir())
+
+
+def test_dice_per_class() -> None:
+    ref = np.array([[0, 1, 1], [2, 2, 0]])
+    assert dice_per_class(ref, ref, 4) == {1: 1.0, 2: 1.0}  # class 3 absent from ref: not scored
+    pred = np.array([[0, 1, 0], [2, 3, 3]])
+    d = dice_per_class(pred, ref, 4)
+    assert d == pytest.approx({1: 2 * 1 / (2 + 1), 2: 2 * 1 / (2 + 1)})
+    assert mean_dice(d) == pytest.approx(2 / 3)
+    assert dice_per_class(np.zeros((2, 2), int), ref[:, :2], 3) == {1: 0.0, 2: 0.0}  # missed organs score 0
+    assert dice_per_class(pred, np.zeros_like(pred), 4) == {} and mean_dice({}) is None
+    with pytest.raises(ValueError):
+        dice_per_class(pred, ref[:, :2], 4)

@@ -1,0 +1,240 @@
+"""The unet_int8 bundle end to end on real CT, through MONAI's own bundle runner."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import onnx
+import pytest
+
+from medptq_monai.bundle.runner import run_inference
+from medptq_monai.errors import (
+    EngineUnavailableError,
+    InputImageError,
+    ModelFileError,
+    UnknownNameError,
+)
+from medptq_monai.export.onnx_model import metadata
+from medptq_monai.export.trt_check import check_qdq_for_tensorrt
+
+from conftest import DATA, copy_bundle
+
+SMALL_CT = DATA / "images_small" / "abdomen_ct_small.nii.gz"
+
+
+def _cause(err: BaseException, kind: type) -> BaseException | None:
+    while err is not None and not isinstance(err, kind):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _expect(kind, match, bundle, dataset_dir, out, **overrides):
+    with pytest.raises(Exception) as info:
+        run_inference(bundle, dataset_dir=str(dataset_dir), output_dir=str(out), **overrides)
+    cause = _cause(info.value, kind)
+    assert cause is not None, f"expected {kind.__name__}, got {info.value!r}"
+    assert match in str(cause), str(cause)
+    assert not out.exists() or not any(out.iterdir()), "a failed case must not leave files"
+
+
+def _bundle_run(args, cwd, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _regridded_ct(path: Path) -> None:
+    """The small CT resampled onto another grid and orientation (LPS-like, anisotropic)."""
+    src = nib.load(str(SMALL_CT))
+    arr = np.asarray(src.dataobj)[::-1, ::-1][10:110:1, 5:95:1, :]  # flip x/y, crop
+    arr = np.repeat(arr, 2, axis=2)[:, :, :50]  # 1.5 mm slices
+    affine = np.diag([-3.0, -3.0, 1.5, 1.0])
+    affine[:3, 3] = [180.0, 150.0, -40.0]
+    nib.save(nib.Nifti1Image(arr.astype(np.int16), affine), str(path))
+
+
+def test_calibration_writes_compact_trt_ready_int8_model(calibrated_bundle):
+    models = calibrated_bundle / "models"
+    fp32, int8 = models / "model.onnx", models / "model_int8.onnx"
+    ratio = fp32.stat().st_size / int8.stat().st_size
+    assert ratio >= 3.8, f"INT8 ONNX only {ratio:.2f}x smaller"
+    model = onnx.load(str(int8))
+    onnx.checker.check_model(model)
+    assert check_qdq_for_tensorrt(model) == []
+    meta = metadata(model)
+    assert meta["medptq.calibrator"] == "entropy" and meta["medptq.num_patches"] == "8"
+    assert meta["medptq.seed"] == "0" and len(meta["medptq.source_sha256"]) == 64
+
+
+def test_monai_bundle_run_segments_any_grid_with_input_geometry(calibrated_bundle, tmp_path):
+    data = tmp_path / "in"
+    data.mkdir()
+    shutil.copy(SMALL_CT, data / "small.nii.gz")
+    _regridded_ct(data / "regrid.nii.gz")
+    out = tmp_path / "out"
+    proc = _bundle_run(["--config_file", str(calibrated_bundle / "configs" / "inference.json"),
+                        "--dataset_dir", str(data), "--output_dir", str(out)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'engine': 'openvino', 'precision': 'int8'" in proc.stdout + proc.stderr
+    for name in ("small", "regrid"):
+        src, seg = nib.load(str(data / f"{name}.nii.gz")), nib.load(str(out / f"{name}_seg.nii.gz"))
+        assert seg.shape == src.shape
+        assert np.allclose(seg.affine, src.affine)
+        labels = np.unique(np.asarray(seg.dataobj))
+        assert labels.min() >= 0 and labels.max() <= 13
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_int8_matches_fp32_on_real_ct(calibrated_bundle, tmp_path):
+    from medptq_monai.benchmark import dice_per_class, mean_dice
+
+    fp32 = run_inference(calibrated_bundle, dataset_dir=str(SMALL_CT.parent), output_dir=str(tmp_path / "f"),
+                         engine="torch", precision="fp32")
+    int8 = run_inference(calibrated_bundle, dataset_dir=str(SMALL_CT.parent), output_dir=str(tmp_path / "i"),
+                         engine="auto", precision="int8", sw_batch_size=3)
+    assert fp32["engine"]["engine"] == "torch" and int8["engine"]["engine"] == "openvino"
+    a = np.asarray(nib.load(str(tmp_path / "f" / "abdomen_ct_small_seg.nii.gz")).dataobj)
+    b = np.asarray(nib.load(str(tmp_path / "i" / "abdomen_ct_small_seg.nii.gz")).dataobj)
+    assert len(np.unique(a)) > 3, "the demo model should segment several organs"
+    agreement = mean_dice(dice_per_class(b, a, 14))
+    assert agreement >= 0.97, f"INT8 vs FP32 Dice {agreement:.4f}"
+
+
+def test_evaluate_config_reports_dice(calibrated_bundle):
+    result = run_inference(calibrated_bundle, ("inference.json", "evaluate.json"), dataset_dir=str(DATA),
+                           engine="openvino")
+    dice = result["metrics"]["val_mean_dice"]
+    assert 0.0 < dice <= 1.0
+    assert (calibrated_bundle / "eval" / "int8" / "val_mean_dice_raw.csv").is_file()
+
+
+def _nifti(path: Path, arr: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("nan", "NaN/Inf"),
+        ("two_channels", "expected 1 channel(s), got 2"),
+        ("two_d", "rank 4"),
+        ("empty_file", "empty (0 bytes)"),
+        ("corrupt", "cannot read NIfTI"),
+    ],
+)
+def test_bad_images_fail_clearly_and_write_nothing(calibrated_bundle, tmp_path, case, match):
+    data = tmp_path / "in"
+    data.mkdir()
+    target = data / f"{case}.nii.gz"
+    if case == "nan":
+        arr = np.asarray(nib.load(str(SMALL_CT)).dataobj, dtype=np.float32)
+        arr[50, 50, 10] = np.nan
+        _nifti(target, arr)
+    elif case == "two_channels":
+        _nifti(target, np.zeros((40, 40, 20, 2), np.float32))
+    elif case == "two_d":
+        _nifti(target, np.zeros((40, 40), np.float32))
+    elif case == "empty_file":
+        target.write_bytes(b"")
+    else:
+        target.write_bytes(SMALL_CT.read_bytes()[:2000])
+    _expect(InputImageError, match, calibrated_bundle, data, tmp_path / "out")
+
+
+def test_empty_dataset_folder_is_an_error(calibrated_bundle, tmp_path):
+    (tmp_path / "in").mkdir()
+    _expect(InputImageError, "no NIfTI files", calibrated_bundle, tmp_path / "in", tmp_path / "out")
+
+
+def _broken_bundle(calibrated_bundle, tmp_path, edit):
+    bundle = copy_bundle(tmp_path / "b")
+    for f in ("model.onnx", "model_int8.onnx"):
+        shutil.copy(calibrated_bundle / "models" / f, bundle / "models" / f)
+    edit(bundle)
+    return bundle
+
+
+def _set_meta(bundle, key, value):
+    path = bundle / "configs" / "metadata.json"
+    meta = json.loads(path.read_text())
+    fmt = meta["network_data_format"]
+    {"classes": fmt["outputs"]["pred"], "channels": fmt["inputs"]["image"], "shape": fmt["inputs"]["image"]}[
+        key
+    ][{"classes": "num_channels", "channels": "num_channels", "shape": "spatial_shape"}[key]] = value
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "edit, kind, match",
+    [
+        (lambda b: (b / "models" / "model_int8.onnx").unlink(), ModelFileError, "not found"),
+        (lambda b: (b / "models" / "model_int8.onnx").write_bytes(b"\x08\x07garbage" * 100), ModelFileError,
+         "corrupt ONNX"),
+        (lambda b: _set_meta(b, "classes", 5), ModelFileError, "outputs 14 classes but the bundle metadata says 5"),
+        (lambda b: _set_meta(b, "channels", 2), ModelFileError, "takes 1 input channel(s) but the bundle metadata"),
+        (lambda b: _set_meta(b, "shape", [64, 64, 64]), ModelFileError, "patches of (96, 96, 96)"),
+        (lambda b: shutil.copy(b / "models" / "model.onnx", b / "models" / "model_int8.onnx"), ModelFileError,
+         "not an INT8 model"),
+    ],
+    ids=["missing", "corrupt", "classes", "channels", "shape", "fp32-as-int8"],
+)
+def test_bad_model_files_fail_clearly(calibrated_bundle, tmp_path, edit, kind, match):
+    bundle = _broken_bundle(calibrated_bundle, tmp_path, edit)
+    _expect(kind, match, bundle, SMALL_CT.parent, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "overrides, kind, match",
+    [
+        ({"engine": "tensorflow"}, UnknownNameError, "unknown engine 'tensorflow'"),
+        ({"engine": "tensorrt"}, EngineUnavailableError, "tensorrt"),
+        ({"precision": "int4"}, UnknownNameError, "unknown precision"),
+    ],
+)
+def test_bad_engine_requests_fail_clearly(calibrated_bundle, tmp_path, overrides, kind, match):
+    _expect(kind, match, calibrated_bundle, SMALL_CT.parent, tmp_path / "out", **overrides)
+
+
+def test_cli_exit_code_and_message_on_bad_input(calibrated_bundle, tmp_path):
+    data = tmp_path / "in"
+    data.mkdir()
+    arr = np.asarray(nib.load(str(SMALL_CT)).dataobj, dtype=np.float32)
+    arr[0, 0, 0] = np.inf
+    _nifti(data / "inf.nii.gz", arr)
+    proc = _bundle_run(["--config_file", str(calibrated_bundle / "configs" / "inference.json"),
+                        "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out")], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "NaN/Inf" in proc.stderr
+    assert not (tmp_path / "out" / "inf_seg.nii.gz").exists()
+
+
+def test_calibrate_config_through_monai_cli_and_bad_calibration_inputs(tmp_path):
+    bundle = copy_bundle(tmp_path / "unet_int8")
+    configs = json.dumps([str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "calibrate.json")])
+    proc = _bundle_run(["--config_file", configs, "--dataset_dir", str(SMALL_CT.parent), "--calib_num_patches", "2",
+                        "--calibrator", "percentile"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert metadata(onnx.load(str(bundle / "models" / "model_int8.onnx")))["medptq.calibrator"] == "percentile"
+    (tmp_path / "empty").mkdir()
+    proc = _bundle_run(["--config_file", configs, "--dataset_dir", str(tmp_path / "empty")], cwd=tmp_path)
+    assert proc.returncode != 0 and "no NIfTI files" in proc.stderr
+    proc = _bundle_run(["--config_file", configs, "--dataset_dir", str(SMALL_CT.parent), "--calibrator", "minmax"],
+                       cwd=tmp_path)
+    assert proc.returncode != 0 and "unknown calibrator 'minmax'" in proc.stderr
+
+
+def test_train_config_runs_one_epoch(tmp_path):
+    bundle = copy_bundle(tmp_path / "unet_int8")
+    (bundle / "models" / "model.pt").unlink()
+    configs = json.dumps([str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "train.json")])
+    proc = _bundle_run(["--config_file", configs, "--dataset_dir", str(DATA), "--max_epochs", "1",
+                        "--num_samples", "1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (bundle / "models" / "model.pt").stat().st_size > 1_000_000
+
