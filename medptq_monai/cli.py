@@ -57,12 +57,14 @@ class Commands:
 
     def bench(self, bundle: str = "bundles/unet_int8", data_dir: str = "tests/data/totalseg_ct",
               out_dir: str = "reports", repeats: int = 10, warmup: int = 2, engines: str | None = None,
-              quick: bool = False, calibrate: bool = False) -> None:
+              quick: bool = False, calibrate: bool = False, threads: int | None = None,
+              volume_repeats: int = 3, calib_patches: int | None = None) -> None:
         """Benchmark torch FP32 vs ONNX Runtime / OpenVINO / TensorRT FP32 and INT8; reports/benchmark.*"""
         from .benchmark import run_benchmark
 
         run_benchmark(bundle=bundle, data_dir=data_dir, out_dir=out_dir, repeats=repeats, warmup=warmup,
-                      engines=engines, quick=quick, calibrate=calibrate)
+                      engines=engines, quick=quick, calibrate=calibrate, threads=threads,
+                      volume_repeats=volume_repeats, calib_patches=calib_patches)
 
     def info(self) -> dict:
         """Installed engines and versions."""

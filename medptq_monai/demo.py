@@ -97,9 +97,11 @@ def run_demo(
         ref = _remapped_label(labels / image.name, label_map)
         seg32, seg8 = _seg(fp32_dir, image), _seg(int8_dir, image)
         d32, d8 = dice_per_class(seg32, ref, num_classes), dice_per_class(seg8, ref, num_classes)
+        if not d32:
+            raise MedPTQError(f"{labels / image.name}: no organ of the bundle's classes in the labels")
         per_f32.append(mean_dice(d32))
         per_i8.append(mean_dice(d8))
-        agree.append(mean_dice(dice_per_class(seg8, seg32, num_classes)))
+        agree.append(mean_dice(dice_per_class(seg8, seg32, num_classes)) or 0.0)
         for cls in d32:
             per_organ[f"{names.get(str(cls), cls)} ({image.name})"] = (d32[cls], d8.get(cls, 0.0))
     report = {
