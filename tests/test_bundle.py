@@ -238,3 +238,39 @@ def test_train_config_runs_one_epoch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (bundle / "models" / "model.pt").stat().st_size > 1_000_000
 
+
+
+def _calibrate(bundle, dataset_dir, **overrides):
+    from medptq_monai.bundle.runner import bundle_parser
+
+    parser = bundle_parser(bundle, ["inference.json", "calibrate.json"], dataset_dir=str(dataset_dir), **overrides)
+    return parser.get_parsed_content("calibration").run()
+
+
+def test_failed_calibration_keeps_the_previous_models(calibrated_bundle, tmp_path):
+    from medptq_monai.fileio import sha256_file
+
+    bundle = _broken_bundle(calibrated_bundle, tmp_path, lambda b: None)
+    before = {f: sha256_file(bundle / "models" / f) for f in ("model.onnx", "model_int8.onnx")}
+    data = tmp_path / "nan"
+    data.mkdir()
+    arr = np.asarray(nib.load(str(SMALL_CT)).dataobj, dtype=np.float32)
+    arr[5, 5, 5] = np.nan
+    _nifti(data / "nan.nii.gz", arr)
+    with pytest.raises(Exception) as info:
+        _calibrate(bundle, data, calib_num_patches=2)
+    assert _cause(info.value, InputImageError) is not None
+    assert {f: sha256_file(bundle / "models" / f) for f in before} == before
+    assert sorted(p.name for p in (bundle / "models").iterdir()) == ["model.onnx", "model.pt", "model_int8.onnx"]
+
+
+def test_quantize_an_existing_fp32_onnx_and_reject_a_mismatched_one(calibrated_bundle, tmp_path, small_fp32):
+    bundle = copy_bundle(tmp_path / "b")
+    (bundle / "models" / "model.pt").unlink()
+    source = tmp_path / "exported_elsewhere.onnx"
+    shutil.copy(calibrated_bundle / "models" / "model.onnx", source)
+    summary = _calibrate(bundle, SMALL_CT.parent, calib_num_patches=2, source_onnx=str(source))
+    assert summary["num_patches"] == 2 and (bundle / "models" / "model_int8.onnx").is_file()
+    with pytest.raises(Exception) as info:
+        _calibrate(copy_bundle(tmp_path / "c"), SMALL_CT.parent, calib_num_patches=2, source_onnx=str(small_fp32))
+    assert "3 classes" in str(_cause(info.value, ModelFileError))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ..calibrate.quantize import QuantizeOptions, quantize_onnx
 from ..errors import CalibrationError, ModelFileError
 from ..export.onnx_model import io_spec, load_onnx
 from ..export.torch_export import export_fp32
-from ..fileio import atomic_path, sha256_file
+from ..fileio import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -71,28 +72,27 @@ class BundleCalibrator:
         self.int8_path = self.output_dir / int8_name
         self.progress = progress
 
-    def _fp32_model(self) -> str | None:
-        """Write the FP32 ONNX; return the source sha256 to record."""
+    def _write_fp32(self, dest: Path) -> str | None:
+        """Write the FP32 ONNX to ``dest`` (checked against the bundle); return the source sha256."""
         if self.source_onnx is not None:
             src = Path(self.source_onnx)
-            load_onnx(src, load_weights=False)
-            if src.resolve() != self.fp32_path.resolve():
-                with atomic_path(self.fp32_path, suffix=".onnx") as tmp:
-                    shutil.copyfile(src, tmp)
+            self._check_spec(src)
+            shutil.copyfile(src, dest)
             return sha256_file(src)
-        export_fp32(self.network, self.fp32_path, self.in_channels, self.plan.roi_size, checkpoint=self.checkpoint)
+        export_fp32(self.network, dest, self.in_channels, self.plan.roi_size, checkpoint=self.checkpoint)
+        self._check_spec(dest)
         return sha256_file(self.checkpoint) if self.checkpoint else None
 
-    def _check_fp32(self) -> None:
-        spec = io_spec(self.fp32_path)
+    def _check_spec(self, path: Path) -> None:
+        spec = io_spec(load_onnx(path, load_weights=False))
         if spec.in_channels not in (None, self.in_channels) or spec.num_classes not in (None, self.num_classes):
             raise ModelFileError(
-                f"{self.fp32_path}: model is {spec.in_channels} channel(s) → {spec.num_classes} classes, "
+                f"{path}: model is {spec.in_channels} channel(s) → {spec.num_classes} classes, "
                 f"the bundle metadata says {self.in_channels} → {self.num_classes}"
             )
         if all(d is not None for d in spec.spatial_shape) and tuple(spec.spatial_shape) != self.plan.roi_size:
             raise ModelFileError(
-                f"{self.fp32_path}: model patch shape {spec.spatial_shape} differs from the bundle roi {self.plan.roi_size}"
+                f"{path}: model patch shape {spec.spatial_shape} differs from the bundle roi {self.plan.roi_size}"
             )
 
     def _volumes(self):
@@ -109,15 +109,20 @@ class BundleCalibrator:
             count = None
         if count == 0:
             raise CalibrationError("no calibration data: the dataset is empty (check --dataset_dir)")
-        source_sha = self._fp32_model()
-        self._check_fp32()
-        patches = sample_patches(self._volumes(), self.plan, num_volumes=count)
-        with tqdm(total=self.plan.num_patches, desc=f"calibrating ({self.options.calibrator})",
-                  unit="patch", disable=not self.progress) as bar:
-            result = quantize_onnx(
-                self.fp32_path, self.int8_path, patches, self.options, source_sha256=source_sha,
-                on_patch=lambda _n: bar.update(1),
-            )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # both files are built in a scratch folder and moved into place only when both succeeded
+        with tempfile.TemporaryDirectory(prefix=".calibrating-", dir=self.output_dir) as scratch:
+            fp32, int8 = Path(scratch) / self.fp32_path.name, Path(scratch) / self.int8_path.name
+            source_sha = self._write_fp32(fp32)
+            patches = sample_patches(self._volumes(), self.plan, num_volumes=count)
+            with tqdm(total=self.plan.num_patches, desc=f"calibrating ({self.options.calibrator})",
+                      unit="patch", disable=not self.progress) as bar:
+                result = quantize_onnx(
+                    fp32, int8, patches, self.options, source_sha256=source_sha, on_patch=lambda _n: bar.update(1)
+                )
+            for tmp, final in ((fp32, self.fp32_path), (int8, self.int8_path)):
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, final)
         summary = {
             "fp32_onnx": str(self.fp32_path),
             "int8_onnx": str(self.int8_path),
