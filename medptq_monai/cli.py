@@ -66,6 +66,16 @@ class Commands:
                       engines=engines, quick=quick, calibrate=calibrate, threads=threads,
                       volume_repeats=volume_repeats, calib_patches=calib_patches)
 
+    def pack(self, bundle: str, base_url: str, out_dir: str = "dist", version: str | None = None) -> dict:
+        """Pack a calibrated bundle for `python -m monai.bundle download --url` + `download_large_files`.
+
+        Writes OUT_DIR/<name>_v<version>.zip, OUT_DIR/files/<name>/<version>/<model files> and
+        OUT_DIR/index.json; serve OUT_DIR at BASE_URL.
+        """
+        from .bundle.pack import pack_bundle
+
+        return pack_bundle(bundle, out_dir, base_url, version)
+
     def info(self) -> dict:
         """Installed engines and versions."""
         from .benchmark import machine_info
