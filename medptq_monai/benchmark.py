@@ -8,17 +8,13 @@ torch FP32 prediction, and peak RSS. Writes ``benchmark.json``, ``benchmark.md``
 
 from __future__ import annotations
 
-import datetime as _dt
 import gc
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 
 from .bundle.runner import bundle_parser
@@ -35,6 +30,8 @@ from .engines.base import Engine
 from .engines.tensorrt_engine import tensorrt_available
 from .errors import CalibrationError, InputImageError, ModelFileError, UnknownNameError
 from .fileio import atomic_path, write_text_atomic
+from .machine import PeakRSS, machine_info
+from .metrics import dice_per_class, mean_dice
 
 logger = logging.getLogger(__name__)
 
@@ -66,123 +63,6 @@ GPU_ROWS = (
     RowSpec("tensorrt", "fp16", "TensorRT FP16", "cuda"),
     RowSpec("tensorrt", "int8", "TensorRT INT8", "cuda"),
 )
-
-
-# ---- Dice -------------------------------------------------------------------------------------
-
-
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> dict[int, float]:
-    """Dice of each foreground class ``1..num_classes-1`` that is present in ``ref``.
-
-    Classes absent from ``ref`` are left out of the dict (not scored 0); a class present in
-    ``ref`` but never predicted scores 0.0.
-    """
-    pred, ref = np.asarray(pred), np.asarray(ref)
-    if pred.shape != ref.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
-    p, r = pred.astype(np.intp, copy=False).ravel(), ref.astype(np.intp, copy=False).ravel()
-    if p.size and (p.min() < 0 or r.min() < 0):
-        raise ValueError("label maps must hold non-negative class indices")
-    n = max(int(num_classes), int(p.max(initial=0)) + 1, int(r.max(initial=0)) + 1)
-    ref_count, pred_count = np.bincount(r, minlength=n), np.bincount(p, minlength=n)
-    inter = np.bincount(r[p == r], minlength=n)
-    return {
-        c: float(2.0 * inter[c] / (ref_count[c] + pred_count[c])) for c in range(1, int(num_classes)) if ref_count[c]
-    }
-
-
-def mean_dice(per_class: dict[int, float]) -> float | None:
-    """Mean of a ``dice_per_class`` result; ``None`` when no class was present."""
-    return float(np.mean(list(per_class.values()))) if per_class else None
-
-
-# ---- memory and machine -------------------------------------------------------------------------
-
-
-class PeakRSS:
-    """Context manager sampling the RSS of ``pid`` (default: this process) and its children in a
-    background thread every ``interval`` seconds; ``peak`` is the largest sum seen."""
-
-    def __init__(self, pid: int | None = None, interval: float = 0.02) -> None:
-        self.process = psutil.Process(pid)
-        self.interval = interval
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def sample(self) -> int:
-        """Current RSS of the process tree in bytes (0 once the process is gone)."""
-        try:
-            procs = [self.process, *self.process.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        total = 0
-        for proc in procs:
-            try:
-                total += proc.memory_info().rss
-            except psutil.Error:
-                pass
-        self.peak = max(self.peak, total)
-        return total
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, threads, memory, load, GPU, package versions, date and command line."""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    info: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "torch_threads": torch.get_num_threads(),
-        "memory_bytes": psutil.virtual_memory().total,
-        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "gpu": gpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": {
-            pkg: _version(pkg)
-            for pkg in ("medptq-monai", "torch", "monai", "onnx", "onnxruntime", "openvino", "tensorrt", "numpy")
-        },
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": list(sys.argv),
-    }
-    info["summary"] = (
-        f"{info['cpu_model']}, {info['cpu_count']} logical CPUs ({info['physical_cores']} cores), "
-        f"torch threads {info['torch_threads']}, {info['memory_bytes'] / (1 << 30):.0f} GiB RAM"
-        + (f", GPU {gpu}" if gpu else ", no GPU")
-    )
-    return info
 
 
 # ---- inputs -----------------------------------------------------------------------------------------

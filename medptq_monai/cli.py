@@ -78,7 +78,7 @@ class Commands:
 
     def info(self) -> dict:
         """Installed engines and versions."""
-        from .benchmark import machine_info
+        from .machine import machine_info
         from .engines.tensorrt_engine import tensorrt_available
 
         usable, reason = tensorrt_available()

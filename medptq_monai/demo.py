@@ -16,7 +16,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .benchmark import dice_per_class, machine_info, mean_dice
+from .machine import machine_info
+from .metrics import dice_per_class, mean_dice
 from .bundle.runner import bundle_parser, run_inference
 from .bundle.transforms import RemapLabelsd
 from .errors import MedPTQError

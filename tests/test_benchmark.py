@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from medptq_monai.benchmark import dice_per_class, mean_dice, parse_engines, run_benchmark
+from medptq_monai.benchmark import parse_engines, run_benchmark
+from medptq_monai.metrics import dice_per_class, mean_dice
 from medptq_monai.bundle.runner import bundle_parser
 from medptq_monai.engines.tensorrt_engine import tensorrt_available
 from medptq_monai.errors import InputImageError, ModelFileError, UnknownNameError

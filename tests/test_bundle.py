@@ -91,7 +91,7 @@ def test_monai_bundle_run_segments_any_grid_with_input_geometry(calibrated_bundl
 
 
 def test_int8_matches_fp32_on_real_ct(calibrated_bundle, tmp_path):
-    from medptq_monai.benchmark import dice_per_class, mean_dice
+    from medptq_monai.metrics import dice_per_class, mean_dice
 
     fp32 = run_inference(calibrated_bundle, dataset_dir=str(SMALL_CT.parent), output_dir=str(tmp_path / "f"),
                          engine="torch", precision="fp32")
