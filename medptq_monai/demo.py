@@ -14,19 +14,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 
 from .machine import machine_info
 from .metrics import dice_per_class, mean_dice
 from .bundle.runner import bundle_parser, run_inference
-from .bundle.transforms import RemapLabelsd
+from .bundle.transforms import load_remapped_label
 from .errors import MedPTQError
 from .fileio import write_text_atomic
-
-
-def _remapped_label(path: Path, label_map: dict | None) -> np.ndarray:
-    arr = np.asarray(nib.load(str(path)).dataobj).astype(np.int64)
-    return np.asarray(RemapLabelsd("label", label_map)({"label": torch.from_numpy(arr)})["label"])
 
 
 def _seg(out_dir: Path, image: Path) -> np.ndarray:
@@ -37,6 +31,8 @@ def _seg(out_dir: Path, image: Path) -> np.ndarray:
 def _markdown(report: dict) -> str:
     rows = [
         ("model", report["model"]),
+        ("calibration", f"{report['calibrator']}, {report['calibration_patches']} patches from "
+         f"{Path(report['calibration_data']).name}/"),
         ("engine (INT8)", report["engine"]),
         ("machine", report["machine"]["summary"]),
         ("ONNX FP32 / INT8 bytes", f"{report['onnx_fp32_bytes']:,} / {report['onnx_int8_bytes']:,} "
@@ -65,17 +61,22 @@ def run_demo(
     out_dir: str = "reports",
     engine: str = "auto",
 ) -> dict:
-    """Calibrate → FP32 torch and INT8 whole-volume inference on the real CT → Dice, time, size report."""
+    """Calibrate → FP32 torch and INT8 whole-volume inference on the real CT → Dice, time, size report.
+
+    Calibration uses ``<data_dir>/calibration`` when it exists (a different patient from the
+    evaluated ``<data_dir>/images``), else the evaluated images themselves.
+    """
     bundle_path, data, out = Path(bundle).resolve(), Path(data_dir).resolve(), Path(out_dir).resolve()
     images, labels = data / "images", data / "labels"
+    calib_dir = data / "calibration" if (data / "calibration").is_dir() else images
     checkpoint = bundle_path / "models" / "model.pt"
     if not checkpoint.is_file():
         raise MedPTQError(f"demo checkpoint missing: {checkpoint} (it ships with the repository)")
     if not images.is_dir() or not labels.is_dir():
         raise MedPTQError(f"demo data needs {images} and {labels}")
 
-    print(f"[1/4] calibrating {bundle_path.name} on {images}", flush=True)
-    calib = bundle_parser(bundle_path, ["inference.json", "calibrate.json"], dataset_dir=str(images))
+    print(f"[1/4] calibrating {bundle_path.name} on {calib_dir}", flush=True)
+    calib = bundle_parser(bundle_path, ["inference.json", "calibrate.json"], dataset_dir=str(calib_dir))
     summary = calib.get_parsed_content("calibration").run()
 
     print("[2/4] FP32 whole-volume inference (MONAI sliding window, torch eager)", flush=True)
@@ -95,7 +96,7 @@ def run_demo(
     per_f32, per_i8, agree = [], [], []
     per_organ: dict[str, tuple[float, float]] = {}
     for image in sorted(p for p in images.iterdir() if p.name.endswith((".nii", ".nii.gz"))):
-        ref = _remapped_label(labels / image.name, label_map)
+        ref = load_remapped_label(labels / image.name, label_map)
         seg32, seg8 = _seg(fp32_dir, image), _seg(int8_dir, image)
         d32, d8 = dice_per_class(seg32, ref, num_classes), dice_per_class(seg8, ref, num_classes)
         if not d32:
@@ -114,6 +115,7 @@ def run_demo(
         "size_ratio": summary["fp32_bytes"] / summary["int8_bytes"],
         "calibrator": summary["calibrator"],
         "calibration_patches": summary["num_patches"],
+        "calibration_data": str(calib_dir),
         "dice_fp32": float(np.mean(per_f32)),
         "dice_int8": float(np.mean(per_i8)),
         "dice_int8_vs_fp32": float(np.mean(agree)),

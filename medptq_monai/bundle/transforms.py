@@ -170,3 +170,8 @@ class SaveLabeld(MapTransform):
             d[f"{key}_path"] = str(target)
         return d
 
+
+def load_remapped_label(path: str | os.PathLike, mapping: Mapping | None) -> np.ndarray:
+    """A label NIfTI as an array (source grid) with ``mapping`` applied as in ``RemapLabelsd``."""
+    arr = np.asarray(nib.load(str(path)).dataobj).astype(np.int64)
+    return np.asarray(RemapLabelsd("label", mapping)({"label": torch.from_numpy(arr)})["label"])
