@@ -149,10 +149,11 @@ def collect_ranges(
         raise CalibrationError("the model has no tensors to calibrate (no quantizable op found)")
     augmented = Path(workdir) / "augmented.onnx"
     calib = _make_calibrator(calibrator, Path(model_path), augmented, tensors, percentile)
-    count, shape = 0, None
+    count, shape, input_amax = 0, None, 0.0
     quiet = io.StringIO()
     for patch in patches:
         patch = np.ascontiguousarray(patch, dtype=np.float32)
+        input_amax = max(input_amax, float(np.abs(patch).max()))
         if shape is None:
             shape = patch.shape
         elif patch.shape != shape:
@@ -166,6 +167,12 @@ def collect_ranges(
         raise CalibrationError("no calibration data: zero patches were produced (refusing to calibrate on nothing)")
     with contextlib.redirect_stdout(quiet):
         ranges = _mse_ranges(calib) if calibrator == "mse" else calib.compute_data()
+    if input_name in tensors:
+        # The model input is the preprocessed image, whose range the bundle fixes (e.g. a clipped
+        # HU window). Histogram calibrators can clip it hard (entropy picked 1/8 of [0, 1] on CT
+        # with much air); clipping the input is never wanted, so it always gets its full range.
+        amax = np.float32(input_amax or 1.0)
+        ranges[input_name] = TensorData(lowest=np.array(-amax, np.float32), highest=np.array(amax, np.float32))
     missing = tensors - set(ranges.keys())
     if missing:
         raise CalibrationError(f"calibration produced no range for {sorted(missing)[:5]}")

@@ -27,6 +27,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import name_to_device
 
 from ..bundle.runner import bundle_parser
+from ..engines import check_engine_name, check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class EngineInferTask(BasicInferTask):
     """Segmentation with a medptq bundle's engine (INT8 by default, ``precision='fp32'`` for the reference).
 
     ``engine`` and ``precision`` override the bundle's config keys of the same name. The engine is
-    built at start-up for ``device`` (default: MONAI Label's default device), so ``/info`` reports
+    built at start-up for ``device`` (default: the device MONAI Label picks for requests), so ``/info`` reports
     the engine that really serves the model (``engine`` entry and description).
     """
 
@@ -91,7 +92,7 @@ class EngineInferTask(BasicInferTask):
         config_files: Sequence[str] = ("inference.json",),
     ) -> None:
         self.bundle = Path(bundle).resolve()
-        self.overrides: dict[str, Any] = {"engine": engine, "precision": precision}
+        self.overrides: dict[str, Any] = {"engine": check_engine_name(engine), "precision": check_precision(precision)}
         self.config_files = tuple(config_files)
         if str(self.bundle) not in sys.path:  # bundles with a ``scripts`` package, like ``monai.bundle run``
             sys.path.insert(0, str(self.bundle))
@@ -118,7 +119,7 @@ class EngineInferTask(BasicInferTask):
         )
         self.engine_info: dict[str, str] = {}
         if self.is_valid():
-            self._get_network(name_to_device(device), None)
+            self._get_network(name_to_device(device or self._config.get("device")), None)
 
     def _parser(self, **overrides: Any) -> ConfigParser:
         return bundle_parser(self.bundle, self.config_files, **self.overrides, **overrides)

@@ -37,9 +37,10 @@ class MedPTQApp(MONAILabelApp):
         self.models = available if wanted in ([], ["all"]) else wanted
         unknown = [m for m in self.models if not (self.bundles_dir / m / "configs" / "metadata.json").is_file()]
         if unknown or not self.models:
+            missing = ", ".join(unknown) or "*_int8"
             raise MONAILabelException(
                 MONAILabelError.APP_INIT_ERROR,
-                f"no bundle {', '.join(unknown) or '*_int8'} in {self.bundles_dir}; available: {', '.join(available) or 'none'}"
+                f"no bundle {missing} in {self.bundles_dir}; available: {', '.join(available) or 'none'}"
                 " (set --conf bundles_dir PATH)",
             )
         super().__init__(
