@@ -18,4 +18,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constr
     python -m pip install -q -c requirements/constraints.txt -e ".[cpu,test]"
     touch "$stamp"
 fi
+# MONAI Label (MEDPTQ_LABEL=1, set by test.sh): monailabel 0.8.5 declares torchvision and sam2,
+# which would pull another torch, and pydicom-seg pins numpy<2; both go in with --no-deps and
+# requirements/label.txt lists what the server really imports (see that file).
+label_stamp=.venv/.medptq-label-installed
+if [ "${MEDPTQ_LABEL:-0}" = 1 ] && { [ ! -f "$label_stamp" ] || [ requirements/label.txt -nt "$label_stamp" ]; }; then
+    echo "installing MONAI Label into .venv ..."
+    python -m pip install -q -c requirements/constraints.txt -r requirements/label.txt
+    python -m pip install -q --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
+    touch "$label_stamp"
+fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"

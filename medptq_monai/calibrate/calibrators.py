@@ -68,16 +68,6 @@ def check_calibrator(name: str) -> str:
     return name
 
 
-def ort_method(name: str) -> CalibrationMethod:
-    """The ``CalibrationMethod`` recorded in the range cache for calibrator ``name``."""
-    return {
-        "max": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-        "mse": CalibrationMethod.Percentile,
-    }[check_calibrator(name)]
-
-
 def _make_calibrator(name: str, model_path: Path, augmented: Path, wanted: set[str], percentile: float):
     common = {"op_types_to_calibrate": None, "augmented_model_path": str(augmented), "symmetric": True}
     if name == "max":

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
-from onnxruntime.quantization.calibrate import save_tensors_data
+from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
 from .. import __version__
 from ..errors import CalibrationError
 from ..export.onnx_model import io_spec, load_onnx, metadata, save_onnx, set_metadata
 from ..export.trt_check import assert_tensorrt_compatible
 from ..fileio import sha256_file
-from .calibrators import check_calibrator, collect_ranges, ort_method
+from .calibrators import check_calibrator, collect_ranges
 
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -137,6 +137,53 @@ def _checked(patches: Iterable[np.ndarray], want: Sequence[int | None]) -> Itera
         yield patch
 
 
+def preprocess(fp32_path: str | os.PathLike, out: Path) -> onnx.ModelProto:
+    """ONNX Runtime's quantization pre-processing (shape inference, basic graph folding) → ``out``."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=True)
+    return load_onnx(out)
+
+
+def write_qdq(
+    pre: Path, ranges: TensorsData, options: QuantizeOptions, chosen: Sequence[str], excluded: Sequence[str],
+    work: Path,
+) -> onnx.ModelProto:
+    """Insert Q/DQ into the pre-processed model for ``chosen`` nodes with the given activation ranges."""
+    cache, raw = work / "ranges.json", work / "qdq.onnx"
+    save_tensors_data(ranges, cache)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ONNX Runtime's quantizer logs through the root logger
+    try:
+        quantize_static(
+            str(pre),
+            str(raw),
+            calibration_data_reader=None,
+            calibration_cache_path=str(cache),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(options.op_types),
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=list(chosen),
+            nodes_to_exclude=list(excluded),
+            calibrate_method=ranges.calibration_method,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                "QuantizeBias": False,
+                "OpTypesToExcludeOutputQuantization": list(options.op_types),
+                "DedicatedQDQPair": False,
+            },
+        )
+    finally:
+        root.setLevel(level)
+    model = onnx.load(str(raw))
+    restore_float_inputs(model, excluded)
+    return model
+
+
 def quantize_onnx(
     fp32_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -152,58 +199,17 @@ def quantize_onnx(
     """
     options = options or QuantizeOptions()
     fp32_path = Path(fp32_path)
-    spec = io_spec(load_onnx(fp32_path, load_weights=False))
-    source_meta = metadata(load_onnx(fp32_path, load_weights=False))
+    source = load_onnx(fp32_path, load_weights=False)
+    spec, source_meta = io_spec(source), metadata(source)
     with tempfile.TemporaryDirectory(prefix="medptq-quant-") as work:
         work = Path(work)
         pre = work / "preprocessed.onnx"
-        with contextlib.redirect_stdout(io.StringIO()):
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        model = load_onnx(pre)
-        chosen, excluded, tensors = select_nodes(model, options)
+        chosen, excluded, tensors = select_nodes(preprocess(fp32_path, pre), options)
         ranges, count = collect_ranges(
-            pre,
-            spec.input_name,
-            _checked(patches, spec.input_shape),
-            options.calibrator,
-            tensors,
-            work,
-            percentile=options.percentile,
-            on_patch=on_patch,
+            pre, spec.input_name, _checked(patches, spec.input_shape), options.calibrator, tensors, work,
+            percentile=options.percentile, on_patch=on_patch,
         )
-        cache = work / "ranges.json"
-        save_tensors_data(ranges, cache)
-        raw = work / "int8.onnx"
-        ort_logger = logging.getLogger()
-        level = ort_logger.level
-        ort_logger.setLevel(logging.ERROR)
-        try:
-            quantize_static(
-                str(pre),
-                str(raw),
-                calibration_data_reader=None,
-                calibration_cache_path=str(cache),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(options.op_types),
-                per_channel=True,
-                reduce_range=False,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_quantize=chosen,
-                nodes_to_exclude=excluded,
-                calibrate_method=ort_method(options.calibrator),
-                extra_options={
-                    "ActivationSymmetric": True,
-                    "WeightSymmetric": True,
-                    "QuantizeBias": False,
-                    "OpTypesToExcludeOutputQuantization": list(options.op_types),
-                    "DedicatedQDQPair": False,
-                },
-            )
-        finally:
-            ort_logger.setLevel(level)
-        int8 = onnx.load(str(raw))
-        restore_float_inputs(int8, excluded)
+        int8 = write_qdq(pre, ranges, options, chosen, excluded, work)
         meta = {
             "medptq.version": __version__,
             "medptq.precision": "int8",
