@@ -39,6 +39,24 @@ class Commands:
         parser = bundle_parser(bundle, ["inference.json", "calibrate.json"], **overrides)
         return parser.get_parsed_content("calibration").run()
 
+    def sensitivity(self, bundle: str, dataset_dir: str, calibrator: str = "max", num_patches: int = 8,
+                    seed: int = 0, top: int = 10) -> dict:
+        """Per-layer INT8 sensitivity of a calibrated bundle (models/model.onnx): output SQNR (dB) with
+        only that layer quantized, most sensitive first; candidates for --calib_exclude."""
+        from .bundle.runner import bundle_parser
+        from .calibrate.patches import PatchPlan, sample_patches
+        from .calibrate.quantize import QuantizeOptions
+        from .calibrate.sensitivity import layer_sensitivity
+
+        parser = bundle_parser(bundle, ["inference.json"], dataset_dir=dataset_dir)
+        dataset = parser.get_parsed_content("dataset")
+        plan = PatchPlan(roi_size=tuple(parser.get_parsed_content("roi_size")), num_patches=num_patches, seed=seed)
+        patches = list(sample_patches((item["image"] for item in dataset), plan, num_volumes=len(dataset)))
+        fp32 = parser.get_parsed_content("bundle_root") + "/models/model.onnx"
+        result = layer_sensitivity(fp32, patches, QuantizeOptions(calibrator=calibrator, num_patches=num_patches))
+        result["layers"] = result["layers"][: int(top)]
+        return result
+
     def check(self, onnx: str) -> dict:
         """Static TensorRT explicit-quantization check of a QDQ ONNX; exits non-zero on any issue."""
         from .export.onnx_model import load_onnx

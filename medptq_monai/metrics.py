@@ -28,3 +28,10 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> dict[
 def mean_dice(per_class: dict[int, float]) -> float | None:
     """Mean of a ``dice_per_class`` result; ``None`` when no class was present."""
     return float(np.mean(list(per_class.values()))) if per_class else None
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - test)^2))``."""
+    ref = np.asarray(reference, np.float64)
+    noise = float(np.sum((ref - np.asarray(test, np.float64)) ** 2))
+    return float("inf") if noise == 0 else float(10.0 * np.log10(float(np.sum(ref**2)) / noise))

@@ -97,3 +97,16 @@ def test_mse_threshold_clips_outliers_but_not_a_uniform_range():
     tailed[:200] = 1e6  # mass below ~1.0
     tailed[-1] = 1  # one outlier at 10
     assert mse_threshold(tailed, edges) < 2.0
+
+
+def test_layer_sensitivity_ranks_every_quantized_node(small_fp32):
+    from medptq_monai.calibrate.sensitivity import layer_sensitivity
+
+    result = layer_sensitivity(small_fp32, ct_patches(3), QuantizeOptions(calibrator="max"), eval_patches=2)
+    layers = result["layers"]
+    model = onnx.load(str(small_fp32))
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    assert len(layers) == len(convs)
+    sqnr = [r["sqnr_db"] for r in layers]
+    assert sqnr == sorted(sqnr) and all(10.0 < v < 80.0 for v in sqnr)
+    assert result["all"] < max(sqnr)  # quantizing everything is noisier than the least sensitive layer alone
