@@ -175,6 +175,12 @@ class _ConvStage(nn.Sequential):
         )
 
 
+def check_volume_input(x: torch.Tensor, in_channels: int, img_size: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` unless ``x`` is ``[N, in_channels, *img_size]`` (the position embeddings fix the size)."""
+    if x.ndim != 5 or x.shape[1] != in_channels or tuple(x.shape[2:]) != tuple(img_size):
+        raise ValueError(f"expected input [N, {in_channels}, {', '.join(map(str, img_size))}], got {list(x.shape)}")
+
+
 class TransUNet3D(nn.Module):
     """3D TransUNet (conv encoder → transformer on the 1/16 grid → ConvTranspose decoder).
 
@@ -262,17 +268,10 @@ class TransUNet3D(nn.Module):
         self.layers.apply(init_transformer_weights)
         self.norm.apply(init_transformer_weights)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 5 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(
-                f"expected input [N, {self.in_channels}, {', '.join(map(str, self.img_size))}], "
-                f"got {list(x.shape)}"
-            )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: [N, C_in, D, H, W] (D, H, W = ``img_size``) → logits [N, C_out, D, H, W]."""
         if not _is_exporting():
-            self._check_input(x)
+            check_volume_input(x, self.in_channels, self.img_size)
         c1 = self.enc1(x)
         c2 = self.enc2(c1)
         c3 = self.enc3(c2)

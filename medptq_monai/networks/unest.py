@@ -59,6 +59,7 @@ from torch import nn
 
 from .transunet import (
     TransformerLayer,
+    check_volume_input,
     _check_dropout,
     _check_img_size,
     _check_positive_int,
@@ -315,17 +316,10 @@ class UNesT(nn.Module):
         self.decoder1 = UnetrUpBlock(3, 4 * f, 2 * f, **up)
         self.out = UnetOutBlock(3, 2 * f, out_channels)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 5 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(
-                f"expected input [N, {self.in_channels}, {', '.join(map(str, self.img_size))}], "
-                f"got {list(x.shape)}"
-            )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: [N, C_in, D, H, W] (D, H, W = ``img_size``) → logits [N, C_out, D, H, W]."""
         if not _is_exporting():
-            self._check_input(x)
+            check_volume_input(x, self.in_channels, self.img_size)
         top, hidden = self.nestViT(x)
         enc0 = self.encoder1(x)  # 2f, 1/1
         enc1 = self.encoder2(hidden[0])  # 4f, 1/2 (from the patch embedding)
