@@ -31,7 +31,7 @@ from .engines.tensorrt_engine import tensorrt_available
 from .errors import CalibrationError, InputImageError, ModelFileError, UnknownNameError
 from .fileio import atomic_path, write_text_atomic
 from .machine import PeakRSS, machine_info
-from .metrics import dice_per_class, mean_dice
+from .metrics import dice_per_class, mean_dice, sqnr_db
 
 logger = logging.getLogger(__name__)
 
@@ -228,14 +228,14 @@ def build_engine(spec: RowSpec, case: _Case) -> Engine:
 
 def _row(spec: RowSpec, status: str = "ok", reason: str | None = None) -> dict[str, Any]:
     keys = ("patch_median_s", "patch_p95_s", "patch_times_s", "volume_s", "volume_times_s", "speedup_vs_torch_volume",
-            "speedup_vs_torch_patch", "dice_vs_labels", "dice_per_class_vs_labels", "dice_vs_torch_fp32",
+            "speedup_vs_torch_patch", "dice_vs_labels", "dice_per_class_vs_labels", "dice_vs_torch_fp32", "sqnr_db",
             "peak_rss_bytes", "rss_start_bytes", "baseline", "engine_info")
     return {"label": spec.label, "engine": spec.engine, "precision": spec.precision, "device": spec.device,
             "status": status, "reason": reason, **dict.fromkeys(keys)}
 
 
-def run_row(spec: RowSpec, case: _Case) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Measure one row; returns the row dict and its whole-volume argmax (``None`` if it failed)."""
+def run_row(spec: RowSpec, case: _Case) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """Measure one row; returns the row dict, its whole-volume argmax and its patch logits (``None``s if it failed)."""
     row = _row(spec)
     inferer = case.parser.get_parsed_content("inferer")
     patch, volume = case.patch.to(spec.device), case.volume.to(spec.device)
@@ -244,7 +244,8 @@ def run_row(spec: RowSpec, case: _Case) -> tuple[dict[str, Any], np.ndarray | No
         with mem, torch.no_grad():
             engine = build_engine(spec, case)
             row["engine_info"] = engine.describe()
-            patch_times, _ = time_calls(lambda: engine(patch), case.warmup, case.repeats, spec.device)
+            patch_times, patch_out = time_calls(lambda: engine(patch), case.warmup, case.repeats, spec.device)
+            patch_logits = _plain(patch_out).float().cpu().numpy()
             for batch in case.warm_batches:  # compile the sliding-window batch shapes before timing
                 engine(patch.expand(batch, *patch.shape[1:]).contiguous())
             network = _EngineModule(engine)
@@ -253,9 +254,9 @@ def run_row(spec: RowSpec, case: _Case) -> tuple[dict[str, Any], np.ndarray | No
     except Exception as err:  # one broken engine must not lose the other rows
         logger.exception("benchmark row %s failed", spec.label)
         row.update(status="error", reason=f"{type(err).__name__}: {err}", peak_rss_bytes=mem.peak or None)
-        return row, None
+        return row, None, None
     finally:
-        engine = network = logits = None
+        engine = network = logits = patch_out = None
         gc.collect()
     per_class = dice_per_class(pred, case.label, case.num_classes)
     row.update(
@@ -264,15 +265,17 @@ def run_row(spec: RowSpec, case: _Case) -> tuple[dict[str, Any], np.ndarray | No
         dice_vs_labels=mean_dice(per_class), dice_per_class_vs_labels={str(k): v for k, v in per_class.items()},
         peak_rss_bytes=mem.peak, rss_start_bytes=mem.start,
     )
-    return row, pred
+    return row, pred, patch_logits
 
 
-def compare_to_torch(row: dict[str, Any], pred: np.ndarray, base: dict[str, Any], base_pred: np.ndarray,
-                     num_classes: int) -> None:
-    """Add speedups (torch time / row time) and Dice vs the torch FP32 argmax to ``row``."""
+def compare_to_torch(row: dict[str, Any], pred: np.ndarray, logits: np.ndarray, base: dict[str, Any],
+                     base_pred: np.ndarray, base_logits: np.ndarray, num_classes: int) -> None:
+    """Add speedups (torch time / row time), Dice vs the torch FP32 argmax and the patch logits'
+    SQNR vs torch FP32 (dB) to ``row``."""
     row["speedup_vs_torch_volume"] = base["volume_s"] / row["volume_s"]
     row["speedup_vs_torch_patch"] = base["patch_median_s"] / row["patch_median_s"]
     row["dice_vs_torch_fp32"] = mean_dice(dice_per_class(pred, base_pred, num_classes))
+    row["sqnr_db"] = sqnr_db(base_logits, logits)
     row["baseline"] = base["label"]
 
 
@@ -294,8 +297,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{s['repeats']} timed calls; whole volume: median of "
         f"{s['volume_repeats']} run(s). Speedups are vs the torch FP32 row on the same device.", "",
         "| engine | precision | patch median ms | p95 ms | volume s | speedup volume | speedup patch "
-        "| Dice vs labels | Dice vs FP32 | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Dice vs labels | Dice vs FP32 | SQNR dB | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for r in report["rows"]:
@@ -307,7 +310,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(r['patch_median_s'], '.1f', 1e3)} | {_fmt(r['patch_p95_s'], '.1f', 1e3)} "
             f"| {_fmt(r['volume_s'], '.2f')} | {_fmt(r['speedup_vs_torch_volume'], '.2f', suffix='x')} "
             f"| {_fmt(r['speedup_vs_torch_patch'], '.2f', suffix='x')} | {_fmt(r['dice_vs_labels'], '.4f')} "
-            f"| {_fmt(r['dice_vs_torch_fp32'], '.4f')} | {_fmt(r['peak_rss_bytes'], '.0f', 1 / MIB)} |"
+            f"| {_fmt(r['dice_vs_torch_fp32'], '.4f')} | {_fmt(r['sqnr_db'], '.1f')} "
+            f"| {_fmt(r['peak_rss_bytes'], '.0f', 1 / MIB)} |"
         )
     calib = (f"{cal['calib_peak_bytes'] / MIB:.0f} MiB peak RSS, {cal['seconds']:.1f} s" if cal["ran"]
              else cal["note"])
@@ -433,17 +437,17 @@ def run_benchmark(
         )
         trt_ok, trt_reason = tensorrt_available()
         rows: list[dict[str, Any]] = []
-        baselines: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
+        baselines: dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]] = {}
         for spec in select_rows(names):
             if spec.engine == "tensorrt" and not trt_ok:
                 rows.append(_row(spec, "skipped", trt_reason))
                 continue
             logger.info("benchmark: %s", spec.label)
-            row, pred = run_row(spec, case)
+            row, pred, logits = run_row(spec, case)
             if pred is not None and spec.engine == "torch":
-                baselines[spec.device] = (row, pred)
+                baselines[spec.device] = (row, pred, logits)
             if pred is not None and spec.device in baselines:
-                compare_to_torch(row, pred, *baselines[spec.device], case.num_classes)
+                compare_to_torch(row, pred, logits, *baselines[spec.device], case.num_classes)
             rows.append(row)
         machine = machine_info()
     finally:

@@ -22,7 +22,7 @@ ROI = [48, 48, 48]
 ROW_KEYS = {
     "label", "engine", "precision", "device", "status", "reason", "patch_median_s", "patch_p95_s", "patch_times_s",
     "volume_s", "volume_times_s", "speedup_vs_torch_volume", "speedup_vs_torch_patch", "dice_vs_labels",
-    "dice_per_class_vs_labels", "dice_vs_torch_fp32", "peak_rss_bytes",
+    "dice_per_class_vs_labels", "dice_vs_torch_fp32", "sqnr_db", "peak_rss_bytes",
 }
 
 
@@ -97,6 +97,8 @@ def test_rows_measured(report: dict) -> None:
     assert torch_row["speedup_vs_torch_volume"] == 1.0 and torch_row["dice_vs_torch_fp32"] in (1.0, None)
     # FP32 ONNX reproduces the torch argmax almost exactly
     assert rows[("onnxruntime", "fp32")]["dice_vs_torch_fp32"] > 0.95
+    assert rows[("onnxruntime", "fp32")]["sqnr_db"] > 60.0 and rows[("openvino", "fp32")]["sqnr_db"] > 60.0
+    assert 5.0 < rows[("openvino", "int8")]["sqnr_db"] < 60.0  # INT8 noise is visible but bounded
 
 
 def test_sizes_and_calibration(report: dict) -> None:
