@@ -396,8 +396,9 @@ def run_benchmark(
     ``data_dir`` holds ``images/`` + ``labels/`` (``images_small/`` + ``labels_small/`` with
     ``quick``, which also sets repeats=3, warmup=1, volume_repeats=1). ``engines``: comma-separated
     subset of torch, onnxruntime, openvino, tensorrt. The ONNX models are (re)made by a calibration
-    subprocess when ``calibrate`` or when ``models/model_int8.onnx`` is missing (``calib_patches``
-    overrides the bundle's patch count). ``threads`` sets torch / ONNX Runtime / OpenVINO threads.
+    subprocess (on ``<data_dir>/calibration`` when it exists, else on the benchmarked images) when
+    ``calibrate`` or when ``models/model_int8.onnx`` is missing (``calib_patches`` overrides the
+    bundle's patch count). ``threads`` sets torch / ONNX Runtime / OpenVINO threads.
     Returns the report written to ``out_dir/benchmark.{json,md,png}``.
     """
     names = parse_engines(engines)
@@ -425,7 +426,8 @@ def run_benchmark(
         calibration: dict[str, Any] = {"ran": False, "calib_peak_bytes": None, "seconds": None,
                                         "note": "not run in this call: existing models/*.onnx were used"}
         if calibrate or (onnx_rows and not (models / "model_int8.onnx").is_file()):
-            calibration = run_calibration(root, Path(pair["image"]).parent, calib_patches)
+            calib_dir = data / "calibration" if (data / "calibration").is_dir() else Path(pair["image"]).parent
+            calibration = run_calibration(root, calib_dir, calib_patches)
         roi = [int(r) for r in parser.get_parsed_content("roi_size")]
         sw_batch, overlap = int(parser.get_parsed_content("sw_batch_size")), parser.get_parsed_content("overlap")
         case = _Case(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,8 +36,14 @@ def main() -> None:
     ap.add_argument("--bundle", default="bundles/unet_int8")
     ap.add_argument("--data", default="tests/data/totalseg_ct")
     ap.add_argument("--out", default="reports")
+    ap.add_argument("--calib_dir", default=None, help="calibration images (default: <data>/calibration)")
+    ap.add_argument("--calibrators", default=",".join(CALIBRATORS))
+    ap.add_argument("--exclude", default=None,
+                    help="comma-separated node-name patterns kept in float ('' for none; default: the bundle's)")
     args = ap.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
+    calib_dir = Path(args.calib_dir).resolve() if args.calib_dir else data / "calibration"
+    overrides = {} if args.exclude is None else {"calib_exclude": [p for p in args.exclude.split(",") if p]}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
         shutil.copytree(args.bundle, bundle, ignore=shutil.ignore_patterns("*.onnx", ".cache", "eval"))
@@ -47,9 +54,10 @@ def main() -> None:
         fp32 = _segs(Path(tmp) / "fp32")
         labels = {f"{p.name[:-7]}_seg.nii.gz": load_remapped_label(p, label_map) for p in (data / "labels").glob("*.nii.gz")}
         rows = []
-        for name in CALIBRATORS:
+        for name in args.calibrators.split(","):
             calib = bundle_parser(bundle, ["inference.json", "calibrate.json"], calibrator=name,
-                                  dataset_dir=str(data / "calibration"))
+                                  dataset_dir=str(calib_dir), **overrides)
+            exclude = calib.get_parsed_content("calib_exclude")
             calib.get_parsed_content("calibration").run()
             run_inference(bundle, dataset_dir=str(data / "images"), output_dir=f"{tmp}/{name}", engine="openvino")
             int8 = _segs(Path(tmp) / name)
@@ -60,10 +68,12 @@ def main() -> None:
                 "dice_fp32": float(np.mean([mean_dice(dice_per_class(fp32[c], labels[c], k)) for c in fp32])),
             })
             print(rows[-1], flush=True)
-    report = {"rows": rows, "machine": machine_info(), "bundle": args.bundle, "data": str(data)}
+    report = {"rows": rows, "machine": machine_info(), "bundle": args.bundle, "data": str(data),
+              "calibration_data": str(calib_dir), "exclude": exclude, "command": " ".join(sys.argv)}
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "calibrators.json", json.dumps(report, indent=2) + "\n")
-    md = ["| calibrator | Dice INT8 vs FP32 | Dice INT8 vs labels | Dice FP32 vs labels |", "|---|---:|---:|---:|"]
+    md = [f"Float layers: {exclude or 'none'}; calibration data: {calib_dir.name}/; command: `{' '.join(sys.argv)}`", "",
+          "| calibrator | Dice INT8 vs FP32 | Dice INT8 vs labels | Dice FP32 vs labels |", "|---|---:|---:|---:|"]
     md += [f"| {r['calibrator']} | {r['dice_int8_vs_fp32']:.4f} | {r['dice_int8']:.4f} | {r['dice_fp32']:.4f} |"
            for r in rows]
     write_text_atomic(out / "calibrators.md", "\n".join(md) + "\n")

@@ -67,7 +67,8 @@ def test_calibration_writes_compact_trt_ready_int8_model(calibrated_bundle):
     onnx.checker.check_model(model)
     assert check_qdq_for_tensorrt(model) == []
     meta = metadata(model)
-    assert meta["medptq.calibrator"] == "entropy" and meta["medptq.num_patches"] == "8"
+    assert meta["medptq.calibrator"] == "mse" and meta["medptq.num_patches"] == "8"
+    assert meta["medptq.excluded_nodes"].count("/model/") == 3  # the bundle's float_layers
     assert meta["medptq.seed"] == "0" and len(meta["medptq.source_sha256"]) == 64
 
 
