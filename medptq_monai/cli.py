@@ -39,16 +39,18 @@ class Commands:
         parser = bundle_parser(bundle, ["inference.json", "calibrate.json"], **overrides)
         return parser.get_parsed_content("calibration").run()
 
-    def sensitivity(self, bundle: str, dataset_dir: str, calibrator: str = "max", num_patches: int = 8,
+    def sensitivity(self, bundle: str, dataset_dir: str, calibrator: str | None = None, num_patches: int = 8,
                     seed: int = 0, top: int = 10) -> dict:
         """Per-layer INT8 sensitivity of a calibrated bundle (models/model.onnx): output SQNR (dB) with
-        only that layer quantized, most sensitive first; candidates for --calib_exclude."""
+        only that layer quantized, most sensitive first; candidates for --calib_exclude.
+        CALIBRATOR defaults to the bundle's (metadata quantization.calibrator)."""
         from .bundle.runner import bundle_parser
         from .calibrate.patches import PatchPlan, sample_patches
         from .calibrate.quantize import QuantizeOptions
         from .calibrate.sensitivity import layer_sensitivity
 
         parser = bundle_parser(bundle, ["inference.json"], dataset_dir=dataset_dir)
+        calibrator = calibrator or parser.get_parsed_content("_meta_").get("quantization", {}).get("calibrator", "max")
         dataset = parser.get_parsed_content("dataset")
         plan = PatchPlan(roi_size=tuple(parser.get_parsed_content("roi_size")), num_patches=num_patches, seed=seed)
         patches = list(sample_patches((item["image"] for item in dataset), plan, num_volumes=len(dataset)))

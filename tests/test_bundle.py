@@ -91,19 +91,30 @@ def test_monai_bundle_run_segments_any_grid_with_input_geometry(calibrated_bundl
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
-def test_int8_matches_fp32_on_real_ct(calibrated_bundle, tmp_path):
+def test_int8_matches_fp32_on_real_ct(tmp_path):
+    """The acceptance numbers: the shipped demo model calibrated as the demo does (another patient,
+    the bundle's calibrator, patch count and float layers), whole abdominal CT, source grid."""
+    from medptq_monai.bundle.runner import bundle_parser
+    from medptq_monai.bundle.transforms import load_remapped_label
     from medptq_monai.metrics import dice_per_class, mean_dice
 
-    fp32 = run_inference(calibrated_bundle, dataset_dir=str(SMALL_CT.parent), output_dir=str(tmp_path / "f"),
-                         engine="torch", precision="fp32")
-    int8 = run_inference(calibrated_bundle, dataset_dir=str(SMALL_CT.parent), output_dir=str(tmp_path / "i"),
-                         engine="auto", precision="int8", sw_batch_size=3)
+    bundle = copy_bundle(tmp_path / "unet_int8")
+    _calibrate(bundle, DATA / "calibration")
+    images = DATA / "images"
+    fp32 = run_inference(bundle, dataset_dir=str(images), output_dir=str(tmp_path / "f"), engine="torch",
+                         precision="fp32")
+    int8 = run_inference(bundle, dataset_dir=str(images), output_dir=str(tmp_path / "i"), engine="auto",
+                         precision="int8", sw_batch_size=3)
     assert fp32["engine"]["engine"] == "torch" and int8["engine"]["engine"] == "openvino"
-    a = np.asarray(nib.load(str(tmp_path / "f" / "abdomen_ct_small_seg.nii.gz")).dataobj)
-    b = np.asarray(nib.load(str(tmp_path / "i" / "abdomen_ct_small_seg.nii.gz")).dataobj)
-    assert len(np.unique(a)) > 3, "the demo model should segment several organs"
+    a = np.asarray(nib.load(str(tmp_path / "f" / "abdomen_ct_seg.nii.gz")).dataobj)
+    b = np.asarray(nib.load(str(tmp_path / "i" / "abdomen_ct_seg.nii.gz")).dataobj)
+    label_map = bundle_parser(bundle, ["inference.json"]).get_parsed_content("label_map")
+    ref = load_remapped_label(DATA / "labels" / "abdomen_ct.nii.gz", label_map)
     agreement = mean_dice(dice_per_class(b, a, 14))
-    assert agreement >= 0.97, f"INT8 vs FP32 Dice {agreement:.4f}"
+    dice_fp32, dice_int8 = mean_dice(dice_per_class(a, ref, 14)), mean_dice(dice_per_class(b, ref, 14))
+    assert dice_fp32 > 0.6, "the demo model should segment the organs"
+    assert agreement >= 0.99, f"INT8 vs FP32 Dice {agreement:.4f}"
+    assert abs(dice_fp32 - dice_int8) <= 0.005, (dice_fp32, dice_int8)
 
 
 def test_evaluate_config_reports_dice(calibrated_bundle):

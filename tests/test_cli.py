@@ -1,0 +1,55 @@
+"""The ``medptq`` command line: results on good input, one clear line and exit 2 on bad input."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from conftest import DATA
+
+
+def _medptq(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "medptq_monai.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_check_passes_a_real_int8_model_and_fails_a_broken_one(small_int8, tmp_path):
+    ok = _medptq("check", str(small_int8))
+    assert ok.returncode == 0, ok.stderr
+    assert "quantize_linear" in ok.stdout
+    model = onnx.load(str(small_int8))
+    index, zp = next((i, t) for i, t in enumerate(model.graph.initializer)
+                     if t.name.endswith("_zero_point") and not t.dims)
+    model.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.array(3, np.int8), zp.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    fail = _medptq("check", str(bad))
+    assert fail.returncode == 2
+    assert "medptq: error:" in fail.stderr and "zero point" in fail.stderr
+
+
+def test_missing_model_file_is_one_clear_line(tmp_path):
+    proc = _medptq("check", str(tmp_path / "none.onnx"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("medptq: error: ONNX model not found")
+
+
+def test_calibrate_rejects_unknown_calibrator_and_empty_data(calibrated_bundle, tmp_path):
+    proc = _medptq("calibrate", str(calibrated_bundle), str(DATA / "images_small"), "--calibrator", "kl")
+    assert proc.returncode == 2 and "unknown calibrator 'kl'" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = _medptq("calibrate", str(calibrated_bundle), str(tmp_path / "empty"))
+    assert proc.returncode == 2 and "no NIfTI files" in proc.stderr
+
+
+def test_bench_rejects_unknown_engine():
+    proc = _medptq("bench", "--engines", "tflite")
+    assert proc.returncode == 2 and "tflite" in proc.stderr
+
+
+def test_info_reports_engines():
+    proc = _medptq("info")
+    assert proc.returncode == 0
+    assert "tensorrt_usable" in proc.stdout and "openvino" in proc.stdout
