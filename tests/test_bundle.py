@@ -76,13 +76,14 @@ def test_monai_bundle_run_segments_any_grid_with_input_geometry(calibrated_bundl
     data = tmp_path / "in"
     data.mkdir()
     shutil.copy(SMALL_CT, data / "small.nii.gz")
+    shutil.copy(DATA / "calibration" / "slab_ct_other_patient.nii.gz", data / "slab512.nii.gz")  # 512x512x20, LAS
     _regridded_ct(data / "regrid.nii.gz")
     out = tmp_path / "out"
     proc = _bundle_run(["--config_file", str(calibrated_bundle / "configs" / "inference.json"),
                         "--dataset_dir", str(data), "--output_dir", str(out)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'engine': 'openvino', 'precision': 'int8'" in proc.stdout + proc.stderr
-    for name in ("small", "regrid"):
+    for name in ("small", "slab512", "regrid"):
         src, seg = nib.load(str(data / f"{name}.nii.gz")), nib.load(str(out / f"{name}_seg.nii.gz"))
         assert seg.shape == src.shape
         assert np.allclose(seg.affine, src.affine)

@@ -99,8 +99,10 @@ def server(calibrated_bundle: Path, tmp_path_factory) -> Server:
 
 def test_hide_keys_lets_spacingd_run_with_image_path():
     """MONAI 1.6's Spacingd calls .update() on ``image_*`` entries: MONAI Label's string ``image_path`` breaks it."""
+    import monai
     import torch
     from monai.data import MetaTensor
+    from packaging.version import Version
     from monai.transforms import Spacingd
 
     from medptq_monai.label import HideKeysd, RestoreKeysd
@@ -108,11 +110,14 @@ def test_hide_keys_lets_spacingd_run_with_image_path():
     img = MetaTensor(torch.zeros(1, 8, 8, 8), meta={"filename_or_obj": "x.nii.gz"})
     data = {"image": img, "image_path": "/data/x.nii.gz", "image_meta_dict": {}}
     spacing = Spacingd("image", pixdim=(2.0, 2.0, 2.0))
-    with pytest.raises(AttributeError, match="update"):
-        spacing(dict(data))
+    if Version(monai.__version__) >= Version("1.6"):  # MONAI 1.5.2 does not touch image_path
+        with pytest.raises(AttributeError, match="update"):
+            spacing(dict(data))
     out = RestoreKeysd()(spacing(HideKeysd(["image"])(data)))
     assert out["image_path"] == "/data/x.nii.gz" and tuple(out["image"].shape) == (1, 4, 4, 4)
-    assert "medptq_hidden_keys" not in out and "filename_or_obj" in out["image_meta_dict"]
+    assert "medptq_hidden_keys" not in out
+    if Version(monai.__version__) >= Version("1.6"):  # 1.6 refreshes the meta dicts it could reach
+        assert "filename_or_obj" in out["image_meta_dict"]
 
 
 @pytest.mark.timeout(240)
