@@ -42,6 +42,8 @@ def _markdown(report: dict) -> str:
         ("Dice INT8 vs FP32", f"{report['dice_int8_vs_fp32']:.4f}"),
         ("whole volume s, torch FP32 sliding window", f"{report['volume_seconds_torch_fp32']:.2f}"),
         ("whole volume s, INT8", f"{report['volume_seconds_int8']:.2f}"),
+        ("one-time warm-up s (FP32 / INT8, not in the times above)",
+         f"{report['warmup_seconds_torch_fp32']:.2f} / {report['warmup_seconds_int8']:.2f}"),
         ("speedup (whole volume)", f"{report['volume_speedup']:.2f}x"),
     ]
     lines = ["# medptq-monai demo", "", f"Command: `{report['command']}`, {report['date']}", "",
@@ -81,12 +83,12 @@ def run_demo(
 
     print("[2/4] FP32 whole-volume inference (MONAI sliding window, torch eager)", flush=True)
     fp32_dir = out / "demo_out" / "fp32"
-    fp32 = run_inference(bundle_path, dataset_dir=str(images), output_dir=str(fp32_dir), engine="torch",
-                         precision="fp32")
+    fp32 = run_inference(bundle_path, dataset_dir=str(images), output_dir=str(fp32_dir), warmup=True,
+                         engine="torch", precision="fp32")
     print(f"[3/4] INT8 whole-volume inference (engine={engine})", flush=True)
     int8_dir = out / "demo_out" / "int8"
-    int8 = run_inference(bundle_path, dataset_dir=str(images), output_dir=str(int8_dir), engine=engine,
-                         precision="int8")
+    int8 = run_inference(bundle_path, dataset_dir=str(images), output_dir=str(int8_dir), warmup=True,
+                         engine=engine, precision="int8")
 
     print("[4/4] Dice and report", flush=True)
     parser = bundle_parser(bundle_path, ["inference.json"])
@@ -124,6 +126,8 @@ def run_demo(
         "volume_speedup": fp32["forward_seconds"] / int8["forward_seconds"],
         "total_seconds_torch_fp32": fp32["total_seconds"],
         "total_seconds_int8": int8["total_seconds"],
+        "warmup_seconds_torch_fp32": fp32["warmup_seconds"],
+        "warmup_seconds_int8": int8["warmup_seconds"],
         "per_organ_dice": per_organ,
         "volumes": fp32["volumes"],
         "outputs": {"fp32": str(fp32_dir), "int8": str(int8_dir)},

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from monai.bundle import ConfigParser
 
 from ..errors import MedPTQError
@@ -27,12 +28,16 @@ def bundle_parser(bundle: str | os.PathLike, configs: Sequence[str], **overrides
     return parser
 
 
-def run_inference(bundle: str | os.PathLike, configs: Sequence[str] = ("inference.json",), **overrides) -> dict:
+def run_inference(
+    bundle: str | os.PathLike, configs: Sequence[str] = ("inference.json",), warmup: bool = False, **overrides
+) -> dict:
     """Run the bundle's ``evaluator`` and time it.
 
     Returns ``forward_seconds`` (sliding-window inference summed over volumes: ITERATION_STARTED →
     FORWARD_COMPLETED, i.e. without loading, preprocessing and saving), ``total_seconds`` (the whole
-    run), ``volumes`` and the engine description.
+    run), ``volumes`` and the engine description. ``warmup`` first runs the network once on a zero
+    batch of ``sw_batch_size`` patches (OpenVINO compiles, torch allocates) and reports that time as
+    ``warmup_seconds``, outside the other timings.
     """
     from ignite.engine import Events
     from monai.engines.utils import IterationEvents
@@ -40,6 +45,14 @@ def run_inference(bundle: str | os.PathLike, configs: Sequence[str] = ("inferenc
     parser = bundle_parser(bundle, configs, **overrides)
     evaluator = parser.get_parsed_content("evaluator")
     network = parser.get_parsed_content("network")
+    warmup_seconds = None
+    if warmup:
+        shape = (int(parser.get_parsed_content("sw_batch_size")), int(parser.get_parsed_content("in_channels")),
+                 *[int(r) for r in parser.get_parsed_content("roi_size")])
+        start = time.perf_counter()
+        with torch.no_grad():
+            network.eval()(torch.zeros(shape, device=parser.get_parsed_content("device")))
+        warmup_seconds = time.perf_counter() - start
     marks: dict[str, float] = {}
     forward: list[float] = []
     evaluator.add_event_handler(Events.ITERATION_STARTED, lambda _e: marks.__setitem__("start", time.perf_counter()))
@@ -54,6 +67,7 @@ def run_inference(bundle: str | os.PathLike, configs: Sequence[str] = ("inferenc
         "forward_seconds": float(sum(forward)),
         "per_volume_seconds": forward,
         "total_seconds": total,
+        "warmup_seconds": warmup_seconds,
         "volumes": len(forward),
         "engine": engine.describe() if engine is not None else {"engine": "torch-module"},
         "metrics": dict(evaluator.state.metrics),
