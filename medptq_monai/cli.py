@@ -55,7 +55,7 @@ class Commands:
         plan = PatchPlan(roi_size=tuple(parser.get_parsed_content("roi_size")), num_patches=num_patches, seed=seed)
         patches = list(sample_patches((item["image"] for item in dataset), plan, num_volumes=len(dataset)))
         fp32 = parser.get_parsed_content("bundle_root") + "/models/model.onnx"
-        result = layer_sensitivity(fp32, patches, QuantizeOptions(calibrator=calibrator, num_patches=num_patches))
+        result = layer_sensitivity(fp32, patches, QuantizeOptions(calibrator=calibrator, seed=seed))
         result["layers"] = result["layers"][: int(top)]
         return result
 

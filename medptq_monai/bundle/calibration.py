@@ -41,7 +41,7 @@ class BundleCalibrator:
         network: torch.nn.Module | None = None,
         checkpoint: str | os.PathLike | None = None,
         source_onnx: str | os.PathLike | None = None,
-        calibrator: str = "entropy",
+        calibrator: str = "mse",
         num_patches: int = 32,
         seed: int = 0,
         percentile: float = 99.99,
@@ -56,8 +56,7 @@ class BundleCalibrator:
         if network is None and source_onnx is None:
             raise CalibrationError("give either network (+ checkpoint) or source_onnx")
         self.options = QuantizeOptions(
-            calibrator=calibrator, num_patches=int(num_patches), seed=int(seed), percentile=float(percentile),
-            exclude=tuple(exclude),
+            calibrator=calibrator, seed=int(seed), percentile=float(percentile), exclude=tuple(exclude),
         )
         self.plan = PatchPlan(
             roi_size=tuple(int(r) for r in roi_size), num_patches=int(num_patches), seed=int(seed),

@@ -39,14 +39,13 @@ DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 @dataclass
 class QuantizeOptions:
-    """What to quantize and how to calibrate.
+    """What to quantize and how to calibrate (``seed`` is the patch sampler's, recorded in the model).
 
     ``exclude`` holds ``fnmatch`` patterns over ONNX node names kept in float. MatMuls between
     two activations (attention scores) stay float unless ``quantize_activation_matmul``.
     """
 
-    calibrator: str = "entropy"
-    num_patches: int = 32
+    calibrator: str = "mse"
     seed: int = 0
     percentile: float = 99.99
     op_types: Sequence[str] = DEFAULT_OP_TYPES
@@ -55,8 +54,6 @@ class QuantizeOptions:
 
     def __post_init__(self) -> None:
         check_calibrator(self.calibrator)
-        if self.num_patches < 1:
-            raise CalibrationError(f"num_patches must be >= 1, got {self.num_patches}")
 
 
 @dataclass

@@ -35,7 +35,7 @@ def layer_sensitivity(
 ) -> dict:
     """``{"all": SQNR with every node quantized, "layers": [{"node", "op_type", "sqnr_db"}, ...]}``,
     layers sorted from most to least sensitive. ``patches`` calibrate; the first ``eval_patches`` evaluate."""
-    options = options or QuantizeOptions(calibrator="max")
+    options = options or QuantizeOptions()
     if not patches:
         raise CalibrationError("no calibration data: sensitivity analysis needs patches")
     spec = io_spec(load_onnx(fp32_path, load_weights=False))
