@@ -18,14 +18,13 @@ import numpy as np
 from .machine import machine_info
 from .metrics import dice_per_class, mean_dice
 from .bundle.runner import bundle_parser, run_inference
-from .bundle.transforms import load_remapped_label
+from .bundle.transforms import label_path, load_remapped_label
 from .errors import MedPTQError
 from .fileio import write_text_atomic
 
 
 def _seg(out_dir: Path, image: Path) -> np.ndarray:
-    stem = image.name[: -len(".nii.gz")] if image.name.endswith(".nii.gz") else image.stem
-    return np.asarray(nib.load(str(out_dir / f"{stem}_seg.nii.gz")).dataobj)
+    return np.asarray(nib.load(str(label_path(out_dir, image))).dataobj)
 
 
 def _markdown(report: dict) -> str:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..calibrate.patches import PatchPlan, sample_patches
 from ..calibrate.quantize import QuantizeOptions, quantize_onnx
-from ..errors import CalibrationError, ModelFileError
+from ..errors import CalibrationError
 from ..export.onnx_model import io_spec, load_onnx
 from ..export.torch_export import export_fp32
 from ..fileio import sha256_file
@@ -83,16 +83,8 @@ class BundleCalibrator:
         return sha256_file(self.checkpoint) if self.checkpoint else None
 
     def _check_spec(self, path: Path) -> None:
-        spec = io_spec(load_onnx(path, load_weights=False))
-        if spec.in_channels not in (None, self.in_channels) or spec.num_classes not in (None, self.num_classes):
-            raise ModelFileError(
-                f"{path}: model is {spec.in_channels} channel(s) → {spec.num_classes} classes, "
-                f"the bundle metadata says {self.in_channels} → {self.num_classes}"
-            )
-        if all(d is not None for d in spec.spatial_shape) and tuple(spec.spatial_shape) != self.plan.roi_size:
-            raise ModelFileError(
-                f"{path}: model patch shape {spec.spatial_shape} differs from the bundle roi {self.plan.roi_size}"
-            )
+        io_spec(load_onnx(path, load_weights=False)).check_bundle(path, self.in_channels, self.num_classes,
+                                                                   self.plan.roi_size)
 
     def _volumes(self):
         for item in self.dataset:

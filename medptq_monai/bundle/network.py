@@ -61,25 +61,8 @@ class EngineNetwork(torch.nn.Module):
             num_classes=num_classes,
             cache_dir=cache_dir,
         )
-        self._check_signature(in_channels, num_classes, roi_size)
+        self.engine.spec.check_bundle(self.engine.model_path, in_channels, num_classes, roi_size)
         logger.info("medptq engine: %s", self.engine.describe())
-
-    def _check_signature(self, in_channels, num_classes, roi_size) -> None:
-        spec, where = self.engine.spec, self.engine.model_path
-        if in_channels is not None and spec.in_channels is not None and spec.in_channels != int(in_channels):
-            raise ModelFileError(
-                f"{where}: the model takes {spec.in_channels} input channel(s) but the bundle metadata says {in_channels}"
-            )
-        if num_classes is not None and spec.num_classes is not None and spec.num_classes != int(num_classes):
-            raise ModelFileError(
-                f"{where}: the model outputs {spec.num_classes} classes but the bundle metadata says {num_classes}"
-            )
-        if roi_size is not None and all(d is not None for d in spec.spatial_shape):
-            if tuple(spec.spatial_shape) != tuple(int(r) for r in roi_size):
-                raise ModelFileError(
-                    f"{where}: the model takes patches of {tuple(spec.spatial_shape)} but the bundle roi is "
-                    f"{tuple(roi_size)}; set the inferer roi to the model's patch shape or re-export"
-                )
 
     @property
     def precision(self) -> str:

@@ -113,6 +113,13 @@ class RemapLabelsd(MapTransform):
         return d
 
 
+def label_path(output_dir: str | os.PathLike, source: str | os.PathLike, suffix: str = "_seg") -> Path:
+    """Where ``SaveLabeld`` writes the label of ``source``: ``<output_dir>/<stem><suffix>.nii.gz``."""
+    name = Path(source).name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+    return Path(output_dir) / f"{stem}{suffix}.nii.gz"
+
+
 class SaveLabeld(MapTransform):
     """Write a label map as NIfTI with the *source file's* shape and affine, atomically.
 
@@ -136,9 +143,7 @@ class SaveLabeld(MapTransform):
         self.dtype = np.dtype(dtype)
 
     def output_path(self, source: str | os.PathLike) -> Path:
-        name = Path(source).name
-        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-        return self.output_dir / f"{stem}{self.suffix}.nii.gz"
+        return label_path(self.output_dir, source, self.suffix)
 
     def __call__(self, data):
         d = dict(data)

@@ -6,6 +6,7 @@ import abc
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import InputImageError
@@ -57,6 +58,11 @@ class Engine(abc.ABC):
         want = self.spec.spatial_shape
         if len(want) == 3 and any(w is not None and w != g for w, g in zip(want, x.shape[2:], strict=True)):
             raise InputImageError(f"{self.name}: model takes patches of {want}, got {tuple(x.shape[2:])}")
+
+    @staticmethod
+    def host_batch(x: torch.Tensor) -> np.ndarray:
+        """``x`` as a contiguous float32 numpy array on the host (for CPU runtimes)."""
+        return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.validate(x)

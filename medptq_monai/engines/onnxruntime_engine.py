@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -43,7 +42,7 @@ class OnnxRuntimeEngine(Engine):
         self.providers = self.session.get_providers()
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        feed = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        feed = self.host_batch(x)
         (out,) = self.session.run([self.spec.output_name], {self.spec.input_name: feed})
         return torch.from_numpy(out).to(self.device)
 

@@ -55,7 +55,7 @@ class OpenVinoEngine(Engine):
         return self._compiled[batch]
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        feed = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        feed = self.host_batch(x)
         compiled = self.compiled(feed.shape[0])
         result = compiled({self.spec.input_name: feed})
         return torch.from_numpy(np.array(result[compiled.output(0)]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,26 @@ class IOSpec:
     @property
     def spatial_shape(self) -> tuple[int | None, ...]:
         return tuple(self.input_shape[2:])
+
+    def check_bundle(
+        self, where: object, in_channels: int | None, num_classes: int | None, roi_size: Sequence[int] | None
+    ) -> None:
+        """Raise ``ModelFileError`` if the model's channels, classes or static patch shape disagree
+        with the bundle metadata (``None`` on either side is not checked)."""
+        if in_channels is not None and self.in_channels is not None and self.in_channels != int(in_channels):
+            raise ModelFileError(
+                f"{where}: the model takes {self.in_channels} input channel(s) but the bundle metadata says {in_channels}"
+            )
+        if num_classes is not None and self.num_classes is not None and self.num_classes != int(num_classes):
+            raise ModelFileError(
+                f"{where}: the model outputs {self.num_classes} classes but the bundle metadata says {num_classes}"
+            )
+        if roi_size is not None and all(d is not None for d in self.spatial_shape):
+            if tuple(self.spatial_shape) != tuple(int(r) for r in roi_size):
+                raise ModelFileError(
+                    f"{where}: the model takes patches of {tuple(self.spatial_shape)} but the bundle roi is "
+                    f"{tuple(roi_size)}; set the inferer roi to the model's patch shape or re-export"
+                )
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> tuple[int | None, ...]:
