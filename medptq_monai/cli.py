@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import fire
 
@@ -74,6 +75,17 @@ class Commands:
         from .demo import run_demo
 
         run_demo(bundle, data_dir, out_dir, engine)
+
+    def fidelity(self, bundle: str, overlays: str = "", data_dir: str = "tests/data/totalseg_ct",
+                 out_dir: str = "reports/fidelity", engine: str = "auto", calib_patches: int | None = None) -> dict:
+        """Calibrate BUNDLE (with comma-separated config OVERLAYS, e.g. small.json) on another patient, segment
+        DATA_DIR/images in torch FP32 and INT8, print Dice vs labels and Dice(INT8 vs FP32)."""
+        from .fidelity import check_fidelity
+
+        names = [o for o in (overlays.split(",") if isinstance(overlays, str) else overlays) if o]
+        result = check_fidelity(bundle, data_dir, Path(out_dir) / Path(bundle).name, engine, names, calib_patches)
+        result.pop("per_organ_dice")
+        return result
 
     def bench(self, bundle: str = "bundles/unet_int8", data_dir: str = "tests/data/totalseg_ct",
               out_dir: str = "reports", repeats: int = 10, warmup: int = 2, engines: str | None = None,

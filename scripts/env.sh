@@ -16,6 +16,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constr
     python -m pip install -q --upgrade pip
     python -m pip install -q -c requirements/constraints.txt "torch==2.13.0"
     python -m pip install -q -c requirements/constraints.txt -e ".[cpu,test]"
+    # nnU-Net's network library: PlainConvUNet needs only torch and numpy, but the package
+    # declares timm (-> torchvision -> another torch), so it goes in without dependencies.
+    python -m pip install -q --no-deps "dynamic-network-architectures==0.4.4"
     touch "$stamp"
 fi
 # MONAI Label (MEDPTQ_LABEL=1, set by test.sh): monailabel 0.8.5 declares torchvision and sam2,
