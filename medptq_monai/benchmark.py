@@ -1,9 +1,10 @@
-"""Benchmark: torch FP32 eager vs ONNX Runtime / OpenVINO / TensorRT FP32 and INT8, in one process.
+"""One bundle in depth (``medptq bench_volume``): torch FP32 eager vs ONNX Runtime / OpenVINO / TensorRT
+FP32 and INT8, in one process. (``medptq bench``, all bundles per patch, is ``benchmark_suite``.)
 
 For each row (engine, precision, device): per-patch latency on a real CT patch (median, p95),
 MONAI ``SlidingWindowInferer`` whole-volume wall time, Dice vs the remapped labels and vs the
-torch FP32 prediction, and peak RSS. Writes ``benchmark.json``, ``benchmark.md`` and
-``benchmark.png`` (atomically) to ``out_dir``.
+torch FP32 prediction, and peak RSS. Writes ``volume_benchmark.json``, ``.md`` and
+``.png`` (atomically) to ``out_dir``.
 """
 
 from __future__ import annotations
@@ -152,14 +153,18 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: str = "
 # ---- calibration ------------------------------------------------------------------------------------
 
 
-def run_calibration(bundle: Path, images_dir: Path, num_patches: int | None = None) -> dict[str, Any]:
+def run_calibration(bundle: Path, images_dir: Path, num_patches: int | None = None,
+                    overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the bundle's calibrate.json in a subprocess (``python -m monai.bundle run``), sampling its
-    RSS (with children) every ~20 ms; ``calib_peak_bytes`` is also cross-checked with ``wait4``'s maxrss."""
+    RSS (with children) every ~20 ms; ``calib_peak_bytes`` is also cross-checked with ``wait4``'s maxrss.
+    ``overrides`` are passed as ``--key value`` (e.g. ``models_dir``, ``checkpoint``)."""
     configs = [str(bundle / "configs" / c) for c in ("inference.json", "calibrate.json")]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs),
            "--dataset_dir", str(images_dir), "--bundle_root", str(bundle)]
     if num_patches:
         cmd += ["--calib_num_patches", str(int(num_patches))]
+    for key, value in (overrides or {}).items():
+        cmd += [f"--{key}", str(value)]
     logger.info("calibrating: %s", " ".join(cmd))
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
@@ -290,7 +295,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     """The Markdown report: one table row per benchmark row, then sizes, calibration and machine."""
     s, m, sizes, cal = report["settings"], report["machine"], report["sizes"], report["calibration"]
     lines = [
-        "# medptq-monai benchmark", "",
+        "# medptq-monai benchmark: one bundle, every engine, whole volume", "",
         f"Volume `{Path(s['volume_image']).name}` preprocessed to {s['volume_shape']}, roi {s['roi_size']}, "
         f"sw_batch_size {s['sw_batch_size']}, overlap {s['overlap']}, {s['blend_mode']} blending; per patch "
         f"(a roi patch of that volume centred on the labelled organs): batch 1, {s['warmup']} warm-up + "
@@ -354,11 +359,11 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def write_reports(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` to ``out_dir`` atomically
+def write_reports(report: dict[str, Any], out_dir: str | os.PathLike, stem: str = "volume_benchmark") -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` to ``out_dir`` atomically
     (their paths are recorded in ``report["files"]`` first)."""
     out = Path(out_dir).resolve()
-    paths = {ext: out / f"benchmark.{ext}" for ext in ("json", "md", "png")}
+    paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "md", "png")}
     report["files"] = {ext: str(path) for ext, path in paths.items()}
     write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
     write_text_atomic(paths["md"], render_markdown(report))
@@ -399,7 +404,7 @@ def run_benchmark(
     subprocess (on ``<data_dir>/calibration`` when it exists, else on the benchmarked images) when
     ``calibrate`` or when ``models/model_int8.onnx`` is missing (``calib_patches`` overrides the
     bundle's patch count). ``threads`` sets torch / ONNX Runtime / OpenVINO threads.
-    Returns the report written to ``out_dir/benchmark.{json,md,png}``.
+    Returns the report written to ``out_dir/volume_benchmark.{json,md,png}``.
     """
     names = parse_engines(engines)
     root = Path(bundle).resolve()

@@ -1,4 +1,4 @@
-"""``medptq`` command line (fire): calibrate, check, demo, bench, info."""
+"""``medptq`` command line (fire): calibrate, sensitivity, check, demo, fidelity, bench, pack, info."""
 
 from __future__ import annotations
 
@@ -41,21 +41,22 @@ class Commands:
         return parser.get_parsed_content("calibration").run()
 
     def sensitivity(self, bundle: str, dataset_dir: str, calibrator: str | None = None, num_patches: int = 8,
-                    seed: int = 0, top: int = 10) -> dict:
-        """Per-layer INT8 sensitivity of a calibrated bundle (models/model.onnx): output SQNR (dB) with
-        only that layer quantized, most sensitive first; candidates for --calib_exclude.
-        CALIBRATOR defaults to the bundle's (metadata quantization.calibrator)."""
+                    seed: int = 0, top: int = 10, overlays: str = "") -> dict:
+        """Per-layer INT8 sensitivity of a calibrated bundle (its FP32 models_dir/model.onnx): output SQNR (dB)
+        with only that layer quantized, most sensitive first; candidates for --calib_exclude.
+        CALIBRATOR defaults to the bundle's (metadata quantization.calibrator); OVERLAYS: e.g. small.json."""
         from .bundle.runner import bundle_parser
         from .calibrate.patches import PatchPlan, sample_patches
         from .calibrate.quantize import QuantizeOptions
         from .calibrate.sensitivity import layer_sensitivity
 
-        parser = bundle_parser(bundle, ["inference.json"], dataset_dir=dataset_dir)
+        configs = ["inference.json", *[o for o in str(overlays).split(",") if o]]
+        parser = bundle_parser(bundle, configs, dataset_dir=dataset_dir)
         calibrator = calibrator or parser.get_parsed_content("_meta_").get("quantization", {}).get("calibrator", "max")
         dataset = parser.get_parsed_content("dataset")
         plan = PatchPlan(roi_size=tuple(parser.get_parsed_content("roi_size")), num_patches=num_patches, seed=seed)
         patches = list(sample_patches((item["image"] for item in dataset), plan, num_volumes=len(dataset)))
-        fp32 = parser.get_parsed_content("bundle_root") + "/models/model.onnx"
+        fp32 = parser.get_parsed_content("models_dir") + "/model.onnx"
         result = layer_sensitivity(fp32, patches, QuantizeOptions(calibrator=calibrator, seed=seed))
         result["layers"] = result["layers"][: int(top)]
         return result
@@ -87,11 +88,23 @@ class Commands:
         result.pop("per_organ_dice")
         return result
 
-    def bench(self, bundle: str = "bundles/unet_int8", data_dir: str = "tests/data/totalseg_ct",
-              out_dir: str = "reports", repeats: int = 10, warmup: int = 2, engines: str | None = None,
-              quick: bool = False, calibrate: bool = False, threads: int | None = None,
-              volume_repeats: int = 3, calib_patches: int | None = None) -> None:
-        """Benchmark torch FP32 vs ONNX Runtime / OpenVINO / TensorRT FP32 and INT8; reports/benchmark.*"""
+    def bench(self, bundles_dir: str = "bundles", data_dir: str = "tests/data/totalseg_ct", out_dir: str = "reports",
+              only: str | None = None, quick: bool = False, repeats: int = 3, warmup: int = 1,
+              calib_patches: int = 8, threads: int | None = None) -> None:
+        """All bundles at full size in one run: sizes, calibration peak memory, per-patch latency of torch FP32,
+        ONNX Runtime and OpenVINO FP32/INT8, SQNR; reports/benchmark.{json,md,png}. ONLY: comma-separated
+        bundle names. QUICK: 1 timed call, 2 calibration patches."""
+        from .benchmark_suite import run_suite
+
+        run_suite(bundles_dir=bundles_dir, data_dir=data_dir, out_dir=out_dir, only=only, quick=quick,
+                  repeats=repeats, warmup=warmup, calib_patches=calib_patches, threads=threads)
+
+    def bench_volume(self, bundle: str = "bundles/unet_int8", data_dir: str = "tests/data/totalseg_ct",
+                     out_dir: str = "reports", repeats: int = 10, warmup: int = 2, engines: str | None = None,
+                     quick: bool = False, calibrate: bool = False, threads: int | None = None,
+                     volume_repeats: int = 3, calib_patches: int | None = None) -> None:
+        """One bundle in depth: torch FP32 vs ONNX Runtime / OpenVINO / TensorRT FP32 and INT8, per patch and whole
+        volume (sliding window), Dice; reports/volume_benchmark.{json,md,png}."""
         from .benchmark import run_benchmark
 
         run_benchmark(bundle=bundle, data_dir=data_dir, out_dir=out_dir, repeats=repeats, warmup=warmup,

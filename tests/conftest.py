@@ -57,9 +57,9 @@ def small_int8(small_fp32) -> Path:
     return out
 
 
-def copy_bundle(dest: Path) -> Path:
-    """Copy the unet_int8 bundle (configs, docs, shipped checkpoint; no generated models) to ``dest``."""
-    shutil.copytree(BUNDLE, dest, ignore=shutil.ignore_patterns("*.onnx", "eval", ".cache", "*.plan"))
+def copy_bundle(dest: Path, src: Path = BUNDLE) -> Path:
+    """Copy a bundle (configs, docs, shipped checkpoints; no generated models) to ``dest``."""
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.onnx", "eval", ".cache", "*.plan"))
     return dest
 
 

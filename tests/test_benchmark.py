@@ -4,6 +4,7 @@ small real CT with a shrunken copy of the bundle, plus the Dice helpers and inpu
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 from medptq_monai.benchmark import parse_engines, run_benchmark
+from medptq_monai.benchmark_suite import find_bundles, run_suite
 from medptq_monai.metrics import dice_per_class, mean_dice
 from medptq_monai.bundle.runner import bundle_parser
 from medptq_monai.engines.tensorrt_engine import tensorrt_available
-from medptq_monai.errors import InputImageError, ModelFileError, UnknownNameError
+from medptq_monai.errors import InputImageError, MedPTQError, ModelFileError, UnknownNameError
 
 from conftest import BUNDLE, DATA, copy_bundle
 
@@ -165,3 +167,57 @@ def test_dice_per_class() -> None:
     assert dice_per_class(pred, np.zeros_like(pred), 4) == {} and mean_dice({}) is None
     with pytest.raises(ValueError):
         dice_per_class(pred, ref[:, :2], 4)
+
+
+# ---- the all-bundles suite (medptq bench) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def suite(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The suite over two bundles: the tiny U-Net without shipped weights (random weights are made) and a
+    broken copy (its network cannot be built), quick mode."""
+    bundles = tmp_path_factory.mktemp("bundles")
+    shutil.copytree(tiny_bundle, bundles / "a_unet", ignore=shutil.ignore_patterns("*.onnx", "*.pt"))
+    broken = shutil.copytree(tiny_bundle, bundles / "b_broken", ignore=shutil.ignore_patterns("*.onnx", "*.pt"))
+    _edit_json(broken / "configs" / "inference.json", lambda c: c["network_def"].update(_target_="NoSuchNet"))
+    (bundles / "not_a_bundle").mkdir()
+    return run_suite(bundles_dir=str(bundles), data_dir=str(DATA), out_dir=str(tmp_path_factory.mktemp("out")),
+                     quick=True)
+
+
+def test_suite_rows(suite: dict) -> None:
+    assert [r["bundle"] for r in suite["rows"]] == ["a_unet", "b_broken"]
+    row, broken = suite["rows"]
+    assert "NoSuchNet" in broken["error"]
+    assert {"model", "params", "onnx_fp32_bytes", "onnx_int8_bytes", "patch_seconds", "calib_peak_bytes",
+            "sqnr_db"} <= set(row)
+    assert row["weights"].startswith("random") and row["params"] > 100_000 and not row["errors"]
+    assert set(row["patch_seconds"]) == {"torch_fp32", "onnxruntime_fp32", "onnxruntime_int8", "openvino_fp32",
+                                         "openvino_int8"}
+    assert all(v > 0 for v in row["patch_seconds"].values())
+    assert row["onnx_fp32_bytes"] / row["onnx_int8_bytes"] > 3.5
+    assert row["calib_peak_bytes"] > 50 * 2**20
+    assert row["sqnr_db_by_engine"]["openvino_fp32"] > 60.0 and 5.0 < row["sqnr_db"] < 60.0
+    assert suite["settings"]["quick"] and suite["settings"]["calib_patches"] == 2
+
+
+def test_suite_reports_match(suite: dict) -> None:
+    files = {k: Path(v) for k, v in suite["files"].items()}
+    assert json.loads(files["json"].read_text())["rows"] == suite["rows"]
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = files["md"].read_text()
+    row = suite["rows"][0]
+    line = next(x for x in md.splitlines() if x.startswith("| a_unet "))
+    assert f"{row['patch_seconds']['openvino_int8'] * 1e3:.0f}" in line and f"{row['sqnr_db']:.1f}" in line
+    assert "| b_broken (failed)" in md and "TensorRT" in md
+
+
+def test_suite_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(MedPTQError, match="no bundles"):
+        run_suite(bundles_dir=str(tmp_path), out_dir=str(tmp_path))
+    with pytest.raises(UnknownNameError, match="nope"):
+        run_suite(bundles_dir=str(BUNDLE.parent), only="unet_int8,nope", out_dir=str(tmp_path))
+    with pytest.raises(InputImageError):
+        run_suite(bundles_dir=str(BUNDLE.parent), data_dir=str(tmp_path / "x"), out_dir=str(tmp_path))
+    assert find_bundles(BUNDLE.parent, "unet_int8") == [BUNDLE]
+    assert not list(tmp_path.iterdir())

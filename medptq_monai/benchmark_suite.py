@@ -1,0 +1,272 @@
+"""The all-bundles benchmark (``medptq bench``): every bundle at its full-size default, one run, one machine.
+
+Per bundle: export + INT8 calibration in a subprocess (peak RSS = ``calib_peak_bytes``), ONNX sizes, and
+per-patch latency (median) of torch FP32 eager, ONNX Runtime FP32/INT8 and OpenVINO FP32/INT8 on one
+real CT patch, with the output SQNR of each engine's logits vs torch FP32. Bundles without full-size
+weights get seeded random weights (``weights: "random, seed 0"``): timing, size, memory and SQNR do not
+need trained weights. Writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` atomically.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .benchmark import CPU_ROWS, RowSpec, _plain, cut_patch, run_calibration, time_calls
+from .bundle.paths import paired_datalist
+from .bundle.runner import bundle_parser
+from .engines import create_engine
+from .engines.tensorrt_engine import tensorrt_available
+from .errors import InputImageError, MedPTQError, UnknownNameError
+from .fileio import atomic_path, write_text_atomic
+from .machine import machine_info
+from .metrics import sqnr_db
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "medptq-benchmark-suite-v1"
+MIB = 1 << 20
+QUICK = {"repeats": 1, "warmup": 1, "calib_patches": 2}
+
+
+def row_key(spec: RowSpec) -> str:
+    """``"openvino_int8"``-style key of a row in ``patch_seconds`` / ``sqnr_db_by_engine``."""
+    return f"{spec.engine}_{spec.precision}"
+
+
+def find_bundles(bundles_dir: str | os.PathLike, only: str | Sequence[str] | None = None) -> list[Path]:
+    """Bundle folders (with ``configs/metadata.json``) under ``bundles_dir``, sorted; ``only`` picks names."""
+    root = Path(bundles_dir).resolve()
+    found = {p.name: p for p in sorted(root.iterdir()) if (p / "configs" / "metadata.json").is_file()} \
+        if root.is_dir() else {}
+    if not found:
+        raise MedPTQError(f"no bundles (folders with configs/metadata.json) under {root}")
+    if only is None or only == "":
+        return list(found.values())
+    names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if str(n).strip()]
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        raise UnknownNameError(f"unknown bundle(s) {unknown}; found {', '.join(found)}")
+    return [found[n] for n in names]
+
+
+def _weights(parser: Any, bundle: Path, work: Path) -> tuple[Path, str]:
+    """The full-size checkpoint: the bundle's own ``models/model.pt``, else seeded random weights in ``work``."""
+    shipped = bundle / "models" / "model.pt"
+    if shipped.is_file():
+        return shipped, "shipped models/model.pt"
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def", lazy=False)
+    path = work / "random_seed0.pt"
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(net.state_dict(), tmp)
+    return path, "random, seed 0 (no full-size weights shipped)"
+
+
+def _real_patch(parser: Any, data: Path, roi: Sequence[int]) -> torch.Tensor:
+    pair = paired_datalist(data)[0]
+    item = parser.get_parsed_content("preprocessing")(dict(pair))
+    image, label = _plain(item["image"]).float(), _plain(item["label"])[0].numpy()
+    return cut_patch(image, label, roi)
+
+
+def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int,
+                 calib_patches: int | None) -> dict[str, Any]:
+    """Measure one bundle at its full-size default (see the module docstring); returns its row."""
+    work.mkdir(parents=True, exist_ok=True)
+    parser = bundle_parser(bundle, ["inference.json"])
+    meta = parser.get_parsed_content("_meta_")
+    roi = [int(r) for r in parser.get_parsed_content("roi_size")]
+    in_channels, num_classes = int(parser.get_parsed_content("in_channels")), int(parser.get_parsed_content(
+        "num_classes"))
+    checkpoint, weights = _weights(parser, bundle, work)
+    net = parser.get_parsed_content("network_def", lazy=False)
+    params = int(sum(p.numel() for p in net.parameters()))
+    del net
+    models = work / "models"
+    calib_dir = data / "calibration" if (data / "calibration").is_dir() else data / "images"
+    calibration = run_calibration(bundle, calib_dir, calib_patches,
+                                  overrides={"models_dir": str(models), "checkpoint": str(checkpoint)})
+    fp32, int8 = models / "model.onnx", models / "model_int8.onnx"
+    patch = _real_patch(parser, data, roi)
+    row: dict[str, Any] = {
+        "model": meta.get("name", bundle.name), "bundle": bundle.name, "params": params, "roi_size": roi,
+        "weights": weights, "onnx_fp32_bytes": fp32.stat().st_size, "onnx_int8_bytes": int8.stat().st_size,
+        "calib_peak_bytes": calibration["calib_peak_bytes"], "calib_seconds": calibration["seconds"],
+        "calib_patches": calib_patches, "float_layers": len(meta.get("quantization", {}).get("float_layers", [])),
+        "patch_seconds": {}, "patch_times_s": {}, "sqnr_db_by_engine": {}, "errors": {},
+    }
+    row["size_ratio"] = row["onnx_fp32_bytes"] / row["onnx_int8_bytes"]
+    reference = None
+    for spec in CPU_ROWS:
+        key = row_key(spec)
+        logger.info("bench %s: %s", bundle.name, spec.label)
+        try:
+            with torch.no_grad():
+                engine = create_engine(
+                    spec.engine, int8 if spec.precision == "int8" else fp32, spec.precision, "cpu",
+                    torch_network=parser.get_parsed_content("network_def", lazy=False)
+                    if spec.engine == "torch" else None,
+                    checkpoint=checkpoint, in_channels=in_channels, num_classes=num_classes,
+                )
+                times, out = time_calls(lambda e=engine: e(patch), warmup, repeats)
+                logits = _plain(out).float().cpu().numpy()
+        except Exception as err:  # one failing engine must not lose the other measurements
+            logger.exception("bench %s: %s failed", bundle.name, spec.label)
+            row["errors"][key] = f"{type(err).__name__}: {err}"
+            continue
+        finally:
+            engine = out = None
+            gc.collect()
+        row["patch_seconds"][key] = float(np.median(times))
+        row["patch_times_s"][key] = times
+        if spec.engine == "torch":
+            reference = logits
+        elif reference is not None:
+            row["sqnr_db_by_engine"][key] = sqnr_db(reference, logits)
+    ps = row["patch_seconds"]
+    row["sqnr_db"] = row["sqnr_db_by_engine"].get("openvino_int8", row["sqnr_db_by_engine"].get("onnxruntime_int8"))
+    row["speedup_openvino_int8_vs_torch"] = (ps["torch_fp32"] / ps["openvino_int8"]
+                                             if {"torch_fp32", "openvino_int8"} <= set(ps) else None)
+    return row
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    return "—" if value is None else f"{value * scale:{spec}}{suffix}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """One table row per bundle: params, sizes, per-patch ms per engine, SQNR, calibration memory."""
+    keys = [row_key(s) for s in CPU_ROWS]
+    s, m = report["settings"], report["machine"]
+    head = " | ".join(f"{s_.label} ms" for s_ in CPU_ROWS)
+    lines = [
+        "# medptq-monai benchmark: all bundles at full size", "",
+        f"Per patch: one real CT patch at each bundle's roi (batch 1), {s['warmup']} warm-up + {s['repeats']} timed "
+        f"call(s), median. INT8 calibration: {s['calib_patches'] or 'bundle default'} patches of another patient's "
+        "CT, in a subprocess whose peak RSS is reported. SQNR: INT8 logits (OpenVINO) vs torch FP32 on the same "
+        "patch. Weights: random (seed 0) where no full-size weights ship.", "",
+        f"| bundle | params (M) | roi | ONNX FP32 MB | ONNX INT8 MB | size ratio | {head} | speedup OV INT8 "
+        "vs torch | SQNR dB | calib peak GiB |",
+        "|---|---:|---|---:|---:|---:|" + "---:|" * len(keys) + "---:|---:|---:|",
+    ]
+    notes = []
+    for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['bundle']} (failed) |" + " — |" * (len(keys) + 8))
+            notes.append(f"- {r['bundle']}: {r['error']}")
+            continue
+        times = " | ".join(_fmt(r["patch_seconds"].get(k), ".0f", 1e3) for k in keys)
+        lines.append(
+            f"| {r['bundle']} | {r['params'] / 1e6:.1f} | {'x'.join(map(str, r['roi_size']))} "
+            f"| {r['onnx_fp32_bytes'] / 1e6:.1f} | {r['onnx_int8_bytes'] / 1e6:.1f} | {r['size_ratio']:.2f}x "
+            f"| {times} | {_fmt(r['speedup_openvino_int8_vs_torch'], '.2f', suffix='x')} "
+            f"| {_fmt(r['sqnr_db'], '.1f')} | {_fmt(r['calib_peak_bytes'], '.2f', 1 / (1 << 30))} |"
+        )
+        notes += [f"- {r['bundle']} {k}: {v}" for k, v in r["errors"].items()]
+    trt = report["tensorrt"]
+    lines += [
+        "", *notes, *([""] if notes else []),
+        f"TensorRT: {'usable' if trt['usable'] else 'not measured — ' + trt['reason']}.", "",
+        f"Machine: {m['summary']}; torch {m['versions']['torch']}, MONAI {m['versions']['monai']}, ONNX Runtime "
+        f"{m['versions']['onnxruntime']}, OpenVINO {m['versions']['openvino']}; {m['date']}; run took "
+        f"{report['seconds'] / 60:.1f} min.", "",
+        f"Command: `{' '.join(m['command'])}`", "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    """Grouped bars: per-patch median (ms, log scale) per bundle and engine; written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in report["rows"] if "error" not in r]
+    fig = Figure(figsize=(12, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(CPU_ROWS)
+    for i, spec in enumerate(CPU_ROWS):
+        values = [r["patch_seconds"].get(row_key(spec), np.nan) * 1e3 for r in rows]
+        ax.bar(np.arange(len(rows)) + i * width, values, width, label=spec.label)
+    ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [r["bundle"] for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("per-patch median (ms, log)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"medptq-monai, full-size bundles — {report['machine']['summary']}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def run_suite(
+    bundles_dir: str = "bundles",
+    data_dir: str = "tests/data/totalseg_ct",
+    out_dir: str = "reports",
+    only: str | Sequence[str] | None = None,
+    quick: bool = False,
+    repeats: int = 3,
+    warmup: int = 1,
+    calib_patches: int | None = 8,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Benchmark every bundle under ``bundles_dir`` (or ``only``, comma-separated names) at full size.
+
+    ``data_dir`` holds ``images/`` + ``labels/`` (the patch is cut around the labelled organs) and
+    ``calibration/`` (another patient, used for calibration). ``quick`` sets repeats=1, warmup=1 and
+    2 calibration patches. Work files go to ``<out_dir>/work/<bundle>``; the report to
+    ``<out_dir>/benchmark.{json,md,png}``. A bundle that fails gets an ``error`` row; the rest still run.
+    """
+    bundles = find_bundles(bundles_dir, only)
+    data = Path(data_dir).resolve()
+    if not (data / "images").is_dir() or not (data / "labels").is_dir():
+        raise InputImageError(f"benchmark data needs {data / 'images'} and {data / 'labels'}")
+    if quick:
+        repeats, warmup, calib_patches = QUICK["repeats"], QUICK["warmup"], QUICK["calib_patches"]
+    repeats, warmup = max(int(repeats), 1), max(int(warmup), 0)
+    out = Path(out_dir).resolve()
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    start = time.perf_counter()
+    rows = []
+    try:
+        for bundle in bundles:
+            logger.info("benchmark: %s", bundle.name)
+            began = time.perf_counter()
+            try:
+                row = bench_bundle(bundle, data, out / "work" / bundle.name, repeats, warmup, calib_patches)
+            except Exception as err:  # keep the other bundles' rows
+                logger.exception("benchmark of %s failed", bundle.name)
+                row = {"model": bundle.name, "bundle": bundle.name, "error": f"{type(err).__name__}: {err}"}
+            row["seconds"] = time.perf_counter() - began
+            rows.append(row)
+            print(f"benchmark: {bundle.name} done in {row['seconds']:.0f} s", flush=True)
+    finally:
+        torch.set_num_threads(previous)
+    usable, reason = tensorrt_available()
+    report = {
+        "schema": SCHEMA,
+        "settings": {"bundles_dir": str(Path(bundles_dir).resolve()), "data_dir": str(data), "quick": bool(quick),
+                     "repeats": repeats, "warmup": warmup, "calib_patches": calib_patches, "threads": threads,
+                     "engines": [row_key(s) for s in CPU_ROWS]},
+        "machine": machine_info(),
+        "tensorrt": {"usable": usable, "reason": reason},
+        "seconds": time.perf_counter() - start,
+        "rows": rows,
+    }
+    paths = {ext: out / f"benchmark.{ext}" for ext in ("json", "md", "png")}
+    report["files"] = {ext: str(p) for ext, p in paths.items()}
+    write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
+    write_text_atomic(paths["md"], render_markdown(report))
+    plot_report(report, paths["png"])
+    return report
