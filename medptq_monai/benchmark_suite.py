@@ -79,6 +79,23 @@ def _real_patch(parser: Any, data: Path, roi: Sequence[int]) -> torch.Tensor:
     return cut_patch(image, label, roi)
 
 
+def _static_checks(int8: Path) -> dict[str, Any]:
+    """``onnx.checker`` and the TensorRT explicit-quantization check of the full-size INT8 ONNX."""
+    import onnx
+
+    from .export.trt_check import check_qdq_for_tensorrt, count_float_weight_qdq
+
+    model = onnx.load(str(int8))
+    try:
+        onnx.checker.check_model(model)
+        checker = "ok"
+    except Exception as err:  # reported, not fatal: the timings still say something
+        checker = f"{type(err).__name__}: {err}"
+    issues = check_qdq_for_tensorrt(model)
+    return {"onnx_checker": checker, "tensorrt_check_issues": issues[:10],
+            "float_weight_qdq": count_float_weight_qdq(model)}
+
+
 def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int,
                  calib_patches: int | None) -> dict[str, Any]:
     """Measure one bundle at its full-size default (see the module docstring); returns its row."""
@@ -106,6 +123,7 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
         "patch_seconds": {}, "patch_times_s": {}, "sqnr_db_by_engine": {}, "errors": {},
     }
     row["size_ratio"] = row["onnx_fp32_bytes"] / row["onnx_int8_bytes"]
+    row.update(_static_checks(int8))
     reference = None
     for spec in CPU_ROWS:
         key = row_key(spec)
@@ -156,13 +174,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "CT, in a subprocess whose peak RSS is reported. SQNR: INT8 logits (OpenVINO) vs torch FP32 on the same "
         "patch. Weights: random (seed 0) where no full-size weights ship.", "",
         f"| bundle | params (M) | roi | ONNX FP32 MB | ONNX INT8 MB | size ratio | {head} | speedup OV INT8 "
-        "vs torch | SQNR dB | calib peak GiB |",
-        "|---|---:|---|---:|---:|---:|" + "---:|" * len(keys) + "---:|---:|---:|",
+        "vs torch | SQNR dB | calib peak GiB | checker / TensorRT check |",
+        "|---|---:|---|---:|---:|---:|" + "---:|" * len(keys) + "---:|---:|---:|---|",
     ]
     notes = []
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['bundle']} (failed) |" + " — |" * (len(keys) + 8))
+            lines.append(f"| {r['bundle']} (failed) |" + " — |" * (len(keys) + 9))
             notes.append(f"- {r['bundle']}: {r['error']}")
             continue
         times = " | ".join(_fmt(r["patch_seconds"].get(k), ".0f", 1e3) for k in keys)
@@ -170,7 +188,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {r['bundle']} | {r['params'] / 1e6:.1f} | {'x'.join(map(str, r['roi_size']))} "
             f"| {r['onnx_fp32_bytes'] / 1e6:.1f} | {r['onnx_int8_bytes'] / 1e6:.1f} | {r['size_ratio']:.2f}x "
             f"| {times} | {_fmt(r['speedup_openvino_int8_vs_torch'], '.2f', suffix='x')} "
-            f"| {_fmt(r['sqnr_db'], '.1f')} | {_fmt(r['calib_peak_bytes'], '.2f', 1 / (1 << 30))} |"
+            f"| {_fmt(r['sqnr_db'], '.1f')} | {_fmt(r['calib_peak_bytes'], '.2f', 1 / (1 << 30))} "
+            f"| {'ok' if r['onnx_checker'] == 'ok' else 'FAIL'} / "
+            f"{'ok' if not r['tensorrt_check_issues'] else str(len(r['tensorrt_check_issues'])) + ' issue(s)'} |"
         )
         notes += [f"- {r['bundle']} {k}: {v}" for k, v in r["errors"].items()]
     trt = report["tensorrt"]

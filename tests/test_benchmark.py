@@ -192,6 +192,7 @@ def test_suite_rows(suite: dict) -> None:
     assert {"model", "params", "onnx_fp32_bytes", "onnx_int8_bytes", "patch_seconds", "calib_peak_bytes",
             "sqnr_db"} <= set(row)
     assert row["weights"].startswith("random") and row["params"] > 100_000 and not row["errors"]
+    assert row["onnx_checker"] == "ok" and row["tensorrt_check_issues"] == [] and row["float_weight_qdq"] == 0
     assert set(row["patch_seconds"]) == {"torch_fp32", "onnxruntime_fp32", "onnxruntime_int8", "openvino_fp32",
                                          "openvino_int8"}
     assert all(v > 0 for v in row["patch_seconds"].values())

@@ -29,6 +29,8 @@ class BundleCalibrator:
     ``dataset`` is the bundle's MONAI dataset (its ``preprocessing`` applied). The model is the
     bundle ``network_def`` + ``checkpoint``, or ``source_onnx``: an FP32 ONNX exported elsewhere
     (e.g. the MedPTQ ``unet_fp32.onnx``), which must match the bundle's channels/classes/roi.
+    ``quantize_attention`` also quantizes MatMuls between two activations (attention scores and
+    attention-weighted values); by default they stay float.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class BundleCalibrator:
         seed: int = 0,
         percentile: float = 99.99,
         exclude: Sequence[str] = (),
+        quantize_attention: bool = False,
         foreground_fraction: float = 0.5,
         foreground_threshold: float = 0.0,
         image_key: str = "image",
@@ -57,6 +60,7 @@ class BundleCalibrator:
             raise CalibrationError("give either network (+ checkpoint) or source_onnx")
         self.options = QuantizeOptions(
             calibrator=calibrator, seed=int(seed), percentile=float(percentile), exclude=tuple(exclude),
+            quantize_activation_matmul=bool(quantize_attention),
         )
         self.plan = PatchPlan(
             roi_size=tuple(int(r) for r in roi_size), num_patches=int(num_patches), seed=int(seed),

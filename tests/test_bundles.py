@@ -1,0 +1,97 @@
+"""Every model bundle besides the U-Net, at its small-size configuration (configs/small.json) with the
+shipped demo checkpoint: calibration on another patient's CT, a compact TensorRT-ready INT8 ONNX, the
+INT8 engine over the whole real CT through MONAI's bundle runner, and INT8-vs-FP32 fidelity."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import onnx
+import pytest
+
+from medptq_monai.export.onnx_model import metadata
+from medptq_monai.export.trt_check import check_qdq_for_tensorrt
+from medptq_monai.fidelity import check_fidelity
+
+from conftest import DATA, ROOT, copy_bundle
+
+BUNDLES = ROOT / "bundles"
+SMALL_BUNDLES = ("nnunet_int8", "segresnet_int8", "swinunetr_int8", "transunet_int8", "unest_int8", "vista3d_int8")
+CONV_BUNDLES = {"nnunet_int8", "segresnet_int8", "vista3d_int8"}  # >= 3.5x smaller in INT8
+FILE_SET = ("configs/inference.json", "configs/inference_fp32.json", "configs/calibrate.json",
+            "configs/evaluate.json", "configs/train.json", "configs/metadata.json", "configs/logging.conf",
+            "configs/small.json", "LICENSE", "docs/README.md", "large_files.yml", "models/small/model.pt")
+
+
+def test_every_bundle_has_the_file_set():
+    found = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
+    assert found == sorted({"unet_int8", *SMALL_BUNDLES})
+    for name in SMALL_BUNDLES:
+        missing = [f for f in FILE_SET if not (BUNDLES / name / f).is_file()]
+        assert not missing, f"{name} lacks {missing}"
+        meta = json.loads((BUNDLES / name / "configs" / "metadata.json").read_text())
+        assert meta["name"] == name and meta["quantization"]["calibrator"] in ("max", "mse", "percentile", "entropy")
+        assert "float_layers" in meta["quantization"] and meta["quantization"]["float_layers_reason"]
+
+
+@pytest.fixture(scope="module", params=SMALL_BUNDLES)
+def fidelity(request, tmp_path_factory) -> tuple[Path, dict]:
+    """The bundle's small configuration calibrated (bundle defaults) and run FP32 vs INT8 on the real CT."""
+    bundle = copy_bundle(tmp_path_factory.mktemp("b") / request.param, BUNDLES / request.param)
+    result = check_fidelity(bundle, DATA, tmp_path_factory.mktemp("fid"), "auto", ["small.json"], log=lambda _m: None)
+    return bundle, result
+
+
+def test_small_model_int8_fidelity_on_real_ct(fidelity):
+    bundle, r = fidelity
+    assert r["engine"].startswith("openvino (int8"), r["engine"]
+    assert r["dice_int8_vs_fp32"] >= 0.98, r
+    assert abs(r["dice_int8"] - r["dice_fp32"]) <= 0.01, r
+    assert r["dice_fp32"] > 0.2, f"the demo checkpoint should segment something: {r['dice_fp32']}"
+
+
+def test_small_model_int8_onnx_is_compact_and_tensorrt_ready(fidelity):
+    bundle, r = fidelity
+    models = bundle / "models" / "small"
+    model = onnx.load(str(models / "model_int8.onnx"))
+    onnx.checker.check_model(model)
+    assert check_qdq_for_tensorrt(model) == []
+    meta = metadata(model)
+    want = json.loads((bundle / "configs" / "metadata.json").read_text())["quantization"]
+    assert meta["medptq.calibrator"] == want["calibrator"] and meta["medptq.seed"] == str(want["seed"])
+    for pattern in want["float_layers"]:  # each float layer of the metadata was really kept in float
+        assert fnmatch.filter(r["excluded_nodes"], pattern), f"{pattern} matched no node"
+    ratio = r["size_ratio"]
+    assert ratio >= (3.5 if bundle.name in CONV_BUNDLES else 1.5), f"{bundle.name}: INT8 only {ratio:.2f}x smaller"
+
+
+def test_outputs_keep_the_input_geometry(fidelity):
+    bundle, r = fidelity
+    src = nib.load(str(DATA / "images" / "abdomen_ct.nii.gz"))
+    for precision in ("fp32", "int8"):
+        (out,) = [p for p in Path(r["outputs"][precision]).rglob("*.nii.gz")]
+        seg = nib.load(str(out))
+        assert seg.shape == src.shape and np.allclose(seg.affine, src.affine, atol=1e-4)
+
+
+def test_monai_bundle_run_cli_on_small_ct(fidelity, tmp_path):
+    bundle, _ = fidelity
+    configs = json.dumps([str(bundle / "configs" / c) for c in ("inference.json", "small.json")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
+         "--dataset_dir", str(DATA / "images_small"), "--output_dir", str(tmp_path / "out")],
+        cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out,) = list((tmp_path / "out").rglob("*.nii.gz"))
+    src = nib.load(str(DATA / "images_small" / "abdomen_ct_small.nii.gz"))
+    seg = nib.load(str(out))
+    assert seg.shape == src.shape and np.allclose(seg.affine, src.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= set(range(14))
