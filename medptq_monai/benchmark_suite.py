@@ -116,7 +116,7 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
     fp32, int8 = models / "model.onnx", models / "model_int8.onnx"
     patch = _real_patch(parser, data, roi)
     row: dict[str, Any] = {
-        "model": meta.get("name", bundle.name), "bundle": bundle.name, "params": params, "roi_size": roi,
+        "model": bundle.name.removesuffix("_int8"), "bundle": bundle.name, "params": params, "roi_size": roi,
         "weights": weights, "onnx_fp32_bytes": fp32.stat().st_size, "onnx_int8_bytes": int8.stat().st_size,
         "calib_peak_bytes": calibration["calib_peak_bytes"], "calib_seconds": calibration["seconds"],
         "calib_patches": calib_patches, "float_layers": len(meta.get("quantization", {}).get("float_layers", [])),

@@ -1,4 +1,5 @@
-"""``medptq`` command line (fire): calibrate, sensitivity, check, demo, fidelity, bench, pack, info."""
+"""``medptq`` command line (fire): calibrate, sensitivity, check, demo, fidelity, bench, bench_volume, pack,
+import_nnunet, info."""
 
 from __future__ import annotations
 
@@ -120,6 +121,17 @@ class Commands:
         from .bundle.pack import pack_bundle
 
         return pack_bundle(bundle, out_dir, base_url, version)
+
+    def import_nnunet(self, results_dir: str, bundle_dir: str, fold: int | str = 0, configuration: str | None = None,
+                      checkpoint: str = "checkpoint_final.pth", overwrite: bool = False,
+                      allow_pickle: bool = False) -> dict:
+        """Turn a trained nnU-Net v2 results folder (plans.json, dataset.json, fold_X/CHECKPOINT) into a ready
+        nnunet_int8-style bundle at BUNDLE_DIR (then calibrate it). ALLOW_PICKLE: trust a checkpoint that
+        torch's safe loader refuses."""
+        from .bundle.nnunet_import import import_nnunet
+
+        return import_nnunet(results_dir, bundle_dir, fold=fold, configuration=configuration, checkpoint=checkpoint,
+                             overwrite=overwrite, allow_pickle=allow_pickle)
 
     def info(self) -> dict:
         """Installed engines and versions."""
