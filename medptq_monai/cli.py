@@ -23,11 +23,13 @@ class Commands:
         seed: int | None = None,
         source_onnx: str | None = None,
         exclude: str = "",
+        overlays: str = "",
     ) -> dict:
         """Calibrate a bundle on the NIfTIs in DATASET_DIR; writes models/model.onnx and models/model_int8.onnx.
 
         SOURCE_ONNX: quantize an FP32 ONNX exported elsewhere instead of network_def + models/model.pt.
-        EXCLUDE: comma-separated node-name patterns kept in float.
+        EXCLUDE: comma-separated node-name patterns kept in float. OVERLAYS: configs merged after
+        inference.json, e.g. small.json.
         """
         from .bundle.runner import bundle_parser
 
@@ -38,7 +40,8 @@ class Commands:
                 overrides[key] = value
         if exclude:
             overrides["calib_exclude"] = [p for p in str(exclude).split(",") if p]
-        parser = bundle_parser(bundle, ["inference.json", "calibrate.json"], **overrides)
+        configs = ["inference.json", *[o for o in str(overlays).split(",") if o], "calibrate.json"]
+        parser = bundle_parser(bundle, configs, **overrides)
         return parser.get_parsed_content("calibration").run()
 
     def sensitivity(self, bundle: str, dataset_dir: str, calibrator: str | None = None, num_patches: int = 8,

@@ -1,5 +1,6 @@
 """MONAI bundle components: engine-backed network, transforms, calibration workflow."""
 
+from ..export.torch_export import load_checkpoint
 from .calibration import BundleCalibrator
 from .network import EngineNetwork
 from .paths import bundle_root, list_images, paired_datalist
@@ -13,6 +14,7 @@ __all__ = [
     "SaveLabeld",
     "ValidateImaged",
     "bundle_root",
+    "load_checkpoint",
     "list_images",
     "paired_datalist",
 ]
