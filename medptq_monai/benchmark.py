@@ -156,7 +156,8 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: str = "
 def run_calibration(bundle: Path, images_dir: Path, num_patches: int | None = None,
                     overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the bundle's calibrate.json in a subprocess (``python -m monai.bundle run``), sampling its
-    RSS (with children) every ~20 ms; ``calib_peak_bytes`` is also cross-checked with ``wait4``'s maxrss.
+    RSS (with its children) every ~20 ms: ``calib_peak_bytes``. (``wait4``'s maxrss is not used: in a process
+    that runs several calibrations it reported the largest child so far, not this one.)
     ``overrides`` are passed as ``--key value`` (e.g. ``models_dir``, ``checkpoint``)."""
     configs = [str(bundle / "configs" / c) for c in ("inference.json", "calibrate.json")]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs),
@@ -170,20 +171,14 @@ def run_calibration(bundle: Path, images_dir: Path, num_patches: int | None = No
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         with PeakRSS(proc.pid) as mem:
-            if hasattr(os, "wait4"):
-                _, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                maxrss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-            else:
-                proc.wait()
-                maxrss = 0
+            proc.wait()
         if proc.returncode != 0:
             log.seek(0)
             tail = log.read()[-4000:]
             raise CalibrationError(f"calibration failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
     return {
         "ran": True,
-        "calib_peak_bytes": max(mem.peak, maxrss),
+        "calib_peak_bytes": mem.peak,
         "seconds": time.perf_counter() - start,
         "num_patches": num_patches,
         "dataset_dir": str(images_dir),
