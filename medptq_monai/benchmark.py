@@ -31,7 +31,7 @@ from .engines.base import Engine
 from .engines.tensorrt_engine import tensorrt_available
 from .errors import CalibrationError, InputImageError, ModelFileError, UnknownNameError
 from .fileio import atomic_path, write_text_atomic
-from .machine import PeakRSS, machine_info
+from .machine import PeakRSS, machine_info, machine_line
 from .metrics import dice_per_class, mean_dice, sqnr_db
 
 logger = logging.getLogger(__name__)
@@ -321,9 +321,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"INT8 {_fmt(sizes['onnx_int8_bytes'], ',.0f')} bytes "
         f"({_fmt(sizes['size_ratio'], '.2f', suffix='x')} smaller).", "",
         f"Calibration: {calib}.", "",
-        f"Machine: {m['summary']}; load average {m['load_average']}; torch {m['versions']['torch']}, "
-        f"MONAI {m['versions']['monai']}, ONNX Runtime {m['versions']['onnxruntime']}, OpenVINO "
-        f"{m['versions']['openvino']}, TensorRT {m['versions']['tensorrt']}; {m['date']}.", "",
+        machine_line(m), "",
         f"Command: `{' '.join(m['command'])}`", "",
     ]
     return "\n".join(lines)

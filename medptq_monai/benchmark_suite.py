@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .benchmark import CPU_ROWS, RowSpec, _plain, cut_patch, run_calibration, time_calls
+from .benchmark import CPU_ROWS, RowSpec, _fmt, _plain, cut_patch, run_calibration, time_calls
 from .bundle.paths import paired_datalist
 from .bundle.runner import bundle_parser
 from .engines import create_engine
 from .engines.tensorrt_engine import tensorrt_available
 from .errors import InputImageError, MedPTQError, UnknownNameError
 from .fileio import atomic_path, write_text_atomic
-from .machine import machine_info
+from .machine import machine_info, machine_line
 from .metrics import sqnr_db
 
 logger = logging.getLogger(__name__)
@@ -158,10 +158,6 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
     return row
 
 
-def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
-    return "—" if value is None else f"{value * scale:{spec}}{suffix}"
-
-
 def render_markdown(report: dict[str, Any]) -> str:
     """One table row per bundle: params, sizes, per-patch ms per engine, SQNR, calibration memory."""
     keys = [row_key(s) for s in CPU_ROWS]
@@ -197,9 +193,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         "", *notes, *([""] if notes else []),
         f"TensorRT: {'usable' if trt['usable'] else 'not measured — ' + trt['reason']}.", "",
-        f"Machine: {m['summary']}; torch {m['versions']['torch']}, MONAI {m['versions']['monai']}, ONNX Runtime "
-        f"{m['versions']['onnxruntime']}, OpenVINO {m['versions']['openvino']}; {m['date']}; run took "
-        f"{report['seconds'] / 60:.1f} min.", "",
+        f"{machine_line(m)} The run took {report['seconds'] / 60:.1f} min.", "",
         f"Command: `{' '.join(m['command'])}`", "",
     ]
     return "\n".join(lines)

@@ -99,3 +99,10 @@ def machine_info() -> dict[str, Any]:
         + (f", GPU {gpu}" if gpu else ", no GPU")
     )
     return info
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """One Markdown line for a report: machine, load, versions, date (``m`` from ``machine_info``)."""
+    v = m["versions"]
+    return (f"Machine: {m['summary']}; load average {m['load_average']}; torch {v['torch']}, MONAI {v['monai']}, "
+            f"ONNX Runtime {v['onnxruntime']}, OpenVINO {v['openvino']}, TensorRT {v['tensorrt']}; {m['date']}.")
