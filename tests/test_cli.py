@@ -44,9 +44,11 @@ def test_calibrate_rejects_unknown_calibrator_and_empty_data(calibrated_bundle, 
     assert proc.returncode == 2 and "no NIfTI files" in proc.stderr
 
 
-def test_bench_rejects_unknown_engine():
-    proc = _medptq("bench", "--engines", "tflite")
+def test_bench_rejects_unknown_engine_and_bundle():
+    proc = _medptq("bench_volume", "--engines", "tflite")
     assert proc.returncode == 2 and "tflite" in proc.stderr
+    proc = _medptq("bench", "--only", "nosuch_int8")
+    assert proc.returncode == 2 and "unknown bundle(s) ['nosuch_int8']" in proc.stderr
 
 
 def test_info_reports_engines():
