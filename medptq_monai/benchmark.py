@@ -352,15 +352,21 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def write_reports(report: dict[str, Any], out_dir: str | os.PathLike, stem: str = "volume_benchmark") -> dict[str, Path]:
-    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` to ``out_dir`` atomically
-    (their paths are recorded in ``report["files"]`` first)."""
+def write_reports(
+    report: dict[str, Any],
+    out_dir: str | os.PathLike,
+    stem: str = "volume_benchmark",
+    render: Callable[[dict[str, Any]], str] = render_markdown,
+    plot: Callable[[dict[str, Any], Path], None] = plot_report,
+) -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` (``render``) and ``<stem>.png`` (``plot``) to ``out_dir`` atomically
+    (their paths are recorded in ``report["files"]`` first). The all-bundles suite passes its own renderers."""
     out = Path(out_dir).resolve()
     paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "md", "png")}
     report["files"] = {ext: str(path) for ext, path in paths.items()}
     write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
-    write_text_atomic(paths["md"], render_markdown(report))
-    plot_report(report, paths["png"])
+    write_text_atomic(paths["md"], render(report))
+    plot(report, paths["png"])
     return paths
 
 

@@ -10,7 +10,6 @@ need trained weights. Writes ``benchmark.json``, ``benchmark.md`` and ``benchmar
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import time
@@ -21,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .benchmark import CPU_ROWS, RowSpec, _fmt, _plain, cut_patch, run_calibration, time_calls
+from .benchmark import CPU_ROWS, RowSpec, _fmt, _plain, cut_patch, run_calibration, time_calls, write_reports
 from .bundle.paths import paired_datalist
 from .bundle.runner import bundle_parser
 from .engines import create_engine
 from .engines.tensorrt_engine import tensorrt_available
 from .errors import InputImageError, MedPTQError, UnknownNameError
-from .fileio import atomic_path, write_text_atomic
+from .fileio import atomic_path
 from .machine import machine_info, machine_line
 from .metrics import sqnr_db
 
@@ -59,13 +58,12 @@ def find_bundles(bundles_dir: str | os.PathLike, only: str | Sequence[str] | Non
     return [found[n] for n in names]
 
 
-def _weights(parser: Any, bundle: Path, work: Path) -> tuple[Path, str]:
-    """The full-size checkpoint: the bundle's own ``models/model.pt``, else seeded random weights in ``work``."""
+def _weights(net: torch.nn.Module, bundle: Path, work: Path) -> tuple[Path, str]:
+    """The full-size checkpoint: the bundle's own ``models/model.pt``, else ``net``'s (seeded random) weights
+    saved in ``work``."""
     shipped = bundle / "models" / "model.pt"
     if shipped.is_file():
         return shipped, "shipped models/model.pt"
-    torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def", lazy=False)
     path = work / "random_seed0.pt"
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(net.state_dict(), tmp)
@@ -105,9 +103,10 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
     roi = [int(r) for r in parser.get_parsed_content("roi_size")]
     in_channels, num_classes = int(parser.get_parsed_content("in_channels")), int(parser.get_parsed_content(
         "num_classes"))
-    checkpoint, weights = _weights(parser, bundle, work)
-    net = parser.get_parsed_content("network_def", lazy=False)
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def", lazy=False)  # built once: parameter count and random weights
     params = int(sum(p.numel() for p in net.parameters()))
+    checkpoint, weights = _weights(net, bundle, work)
     del net
     models = work / "models"
     calib_dir = data / "calibration" if (data / "calibration").is_dir() else data / "images"
@@ -278,9 +277,5 @@ def run_suite(
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    paths = {ext: out / f"benchmark.{ext}" for ext in ("json", "md", "png")}
-    report["files"] = {ext: str(p) for ext, p in paths.items()}
-    write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
-    write_text_atomic(paths["md"], render_markdown(report))
-    plot_report(report, paths["png"])
+    write_reports(report, out, "benchmark", render_markdown, plot_report)
     return report

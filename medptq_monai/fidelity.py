@@ -41,7 +41,8 @@ def check_fidelity(
         raise MedPTQError(f"fidelity data needs {images} and {labels}")
     calib_dir = data / "calibration" if (data / "calibration").is_dir() else images
     configs = ["inference.json", *overlays]
-    checkpoint = Path(bundle_parser(root, configs).get_parsed_content("checkpoint"))
+    parser = bundle_parser(root, configs)
+    checkpoint = Path(parser.get_parsed_content("checkpoint"))
     if not checkpoint.is_file():
         raise MedPTQError(f"checkpoint missing: {checkpoint}")
 
@@ -58,7 +59,6 @@ def check_fidelity(
                          engine=engine, precision="int8", **{"inferer#progress": False})
 
     log("[4/4] Dice")
-    parser = bundle_parser(root, configs)
     label_map = parser.get_parsed_content("label_map")
     num_classes = int(parser.get_parsed_content("num_classes"))
     names = parser.get_parsed_content("_meta_")["network_data_format"]["outputs"]["pred"]["channel_def"]
