@@ -53,7 +53,6 @@ FIDELITY_SHORTFALL = {
     "transunet_int8": "small demo model under-trained (FP32 Dice vs labels 0.07); Dice INT8 vs FP32 0.47",
     "unest_int8": "small demo model under-trained (FP32 Dice vs labels 0.10); Dice INT8 vs FP32 0.43",
     "swinunetr_int8": "small demo model trained 25 epochs only; fidelity target not met",
-    "vista3d_int8": "small demo model trained briefly; Dice INT8 vs FP32 0.73",
 }
 
 

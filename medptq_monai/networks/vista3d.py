@@ -187,6 +187,15 @@ class Vista3DSegmenter(VISTA3D):
                 f"{name} spatial shape {list(x.shape[2:])} must be divisible by {list(self.shape_factor)} "
                 f"(the encoder downsamples {len(_ENCODER_BLOCKS_DOWN) - 1} times); {bad} are not"
             )
+        self._check_bottom(tuple(int(s) for s in x.shape[2:]), name)
+
+    def _check_bottom(self, spatial: tuple[int, ...], name: str) -> None:
+        bottom = [s // f for s, f in zip(spatial, self.shape_factor)]
+        if int(np.prod(bottom)) < 2:
+            raise InputImageError(
+                f"{name} spatial shape {list(spatial)} is too small: the encoder's instance norm needs more than "
+                f"one voxel at 1/{self.shape_factor[0]} resolution (make one axis at least {2 * self.shape_factor[0]})"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``[B, in_channels, *roi]`` image → ``[B, 1 + len(class_ids), *roi]`` logits (channel 0 = 0)."""
@@ -209,8 +218,8 @@ class Vista3DSegmenter(VISTA3D):
         """Interactive segmentation with VISTA3D's point head (FP32 torch, through ``VISTA3D.forward``).
 
         Args:
-            image: ``[1, in_channels, D, H, W]`` preprocessed image (any size: it is padded at the far
-                end to a multiple of 16 by edge replication, and the result cropped back).
+            image: ``[1, in_channels, D, H, W]`` preprocessed image (any size with one axis > 16: it is padded
+                at the far end to a multiple of 16 by edge replication, and the result cropped back).
             point_coords: ``[N, 3]`` voxel indices (along the image's three spatial axes, in tensor order)
                 of one object's clicks, or
                 ``[B, N, 3]`` for ``B`` objects.
@@ -233,6 +242,7 @@ class Vista3DSegmenter(VISTA3D):
         pad: list[int] = []
         for size, factor in zip(reversed(spatial), reversed(self.shape_factor)):
             pad += [0, (-size) % factor]
+        self._check_bottom(tuple(s + p for s, p in zip(spatial, reversed(pad[1::2]))), "image")
         padded = F.pad(image.float(), pad, mode="replicate") if any(pad) else image.float()
         was_training = self.training
         self.eval()
