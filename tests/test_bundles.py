@@ -28,7 +28,7 @@ SMALL_BUNDLES = ("nnunet_int8", "segresnet_int8", "swinunetr_int8", "transunet_i
 # first convolutions in float for fidelity (metadata float_layers), which costs size; at small width the float parts
 # of the transformers weigh more: SwinUNETR (feature 12) measured 2.36x (3.78x at full size), UNesT with its float
 # decoder layers 3.16x (3.52x at full size without them)
-MIN_SIZE_RATIO = {"nnunet_int8": 2.2, "segresnet_int8": 3.5, "vista3d_int8": 3.5, "swinunetr_int8": 2.3,
+MIN_SIZE_RATIO = {"nnunet_int8": 3.4, "segresnet_int8": 3.5, "vista3d_int8": 3.5, "swinunetr_int8": 2.3,
                   "transunet_int8": 3.5, "unest_int8": 3.1}
 FILE_SET = ("configs/inference.json", "configs/inference_fp32.json", "configs/calibrate.json",
             "configs/evaluate.json", "configs/train.json", "configs/metadata.json", "configs/logging.conf",

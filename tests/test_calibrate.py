@@ -3,8 +3,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from medptq_monai.calibrate.calibrators import CALIBRATORS, mse_threshold
-from medptq_monai.calibrate.quantize import QuantizeOptions, quantize_onnx
+from medptq_monai.calibrate.calibrators import (
+    CALIBRATORS,
+    activation_bytes,
+    collect_ranges,
+    mse_threshold,
+    tensor_groups,
+)
+from medptq_monai.calibrate.quantize import QuantizeOptions, preprocess, quantize_onnx, select_nodes
 from medptq_monai.errors import CalibrationError, UnknownNameError
 from medptq_monai.export.onnx_model import io_spec, metadata
 from medptq_monai.export.trt_check import check_qdq_for_tensorrt, count_float_weight_qdq, qdq_summary
@@ -110,3 +116,31 @@ def test_layer_sensitivity_ranks_every_quantized_node(small_fp32):
     sqnr = [r["sqnr_db"] for r in layers]
     assert sqnr == sorted(sqnr) and all(10.0 < v < 80.0 for v in sqnr)
     assert result["all"] < max(sqnr)  # quantizing everything is noisier than the least sensitive layer alone
+
+
+def test_tensor_groups_respect_the_byte_budget_and_cover_every_tensor():
+    sizes = {"a": 6, "b": 5, "c": 4, "d": 3, "e": 2, "huge": 50}
+    groups = tensor_groups(sizes, 8)
+    assert set().union(*groups) == set(sizes) and sum(len(g) for g in groups) == len(sizes)
+    assert {"huge"} in groups  # larger than the budget: alone
+    assert all(sum(sizes[t] for t in g) <= 8 for g in groups if g != {"huge"})
+    assert len(groups) == 4  # huge | a+e | b+d | c
+    assert tensor_groups(sizes, 10**6) == [set(sizes)]
+
+
+@pytest.mark.parametrize("calibrator", ["mse", "entropy"])
+def test_calibration_in_several_passes_gives_the_ranges_of_one_pass(small_fp32, tmp_path, calibrator):
+    pre = tmp_path / "pre.onnx"
+    chosen, _, tensors = select_nodes(preprocess(small_fp32, pre), QuantizeOptions())
+    sizes = activation_bytes(pre, tensors, batch=1)
+    assert sizes["input"] == 32**3 * 4 and min(sizes.values()) > 0
+    budget = max(sizes.values())  # forces several passes
+    assert len(tensor_groups(sizes, budget)) > 2
+    one, n1 = collect_ranges(pre, "input", ct_patches(3), calibrator, tensors, tmp_path)
+    many, n2 = collect_ranges(pre, "input", ct_patches(3), calibrator, tensors, tmp_path, max_pass_bytes=budget)
+    assert n1 == n2 == 3 and set(one.keys()) == set(many.keys()) == tensors
+    assert one.calibration_method == many.calibration_method
+    for t in tensors:
+        assert float(one[t].range_value[1]) == float(many[t].range_value[1]), t
+    with pytest.raises(CalibrationError, match="max_pass_bytes"):
+        collect_ranges(pre, "input", ct_patches(1), calibrator, tensors, tmp_path, max_pass_bytes=0)

@@ -103,3 +103,67 @@ def test_auto_falls_back_to_a_cpu_engine_with_a_warning(small_int8, caplog):
         engine = create_engine("auto", small_int8, "int8", device="cuda")
     assert engine.name == "openvino" and engine.device.type == "cpu"
     assert any("falling back" in r.message for r in caplog.records)
+
+
+class _ConcatConv(torch.nn.Module):
+    """The smallest model OpenVINO 2026.4 gets wrong in INT8: two convolutions, Concat, convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv3d(1, 16, 3, padding=1)
+        self.b = torch.nn.Conv3d(1, 8, 3, padding=1)
+        self.c = torch.nn.Conv3d(24, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.cat([self.a(x), torch.nn.functional.leaky_relu(self.b(x))], 1))
+
+
+@pytest.fixture(scope="module")
+def concat_conv(tmp_path_factory):
+    from medptq_monai.calibrate.quantize import QuantizeOptions, quantize_onnx
+    from medptq_monai.export.torch_export import export_fp32
+
+    torch.manual_seed(0)
+    net = _ConcatConv().eval()
+    work = tmp_path_factory.mktemp("concat_conv")
+    fp32, int8 = work / "fp32.onnx", work / "int8.onnx"
+    export_fp32(net, fp32, 1, (16, 16, 16))
+    patches = [(p - 0.3) / 0.3 for p in ct_patches(4, seed=3, roi=(16, 16, 16))]
+    quantize_onnx(fp32, int8, patches, QuantizeOptions(calibrator="max"))
+    x = torch.from_numpy(np.concatenate(ct_patches(2, seed=9, roi=(16, 16, 16))) - 0.3) / 0.3
+    with torch.no_grad():
+        return int8, x, net(x)
+
+
+def test_split_concat_convolutions_keeps_the_qdq_arithmetic(concat_conv, tmp_path):
+    import onnx
+
+    from medptq_monai.engines.concat_conv import split_concat_convolutions
+
+    int8, x, _ = concat_conv
+    model = onnx.load(str(int8))
+    assert split_concat_convolutions(model) == 1
+    assert not [n for n in model.graph.node if n.op_type == "Concat"]  # the Concat had no other reader
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 4 and sum(n.op_type == "Add" for n in model.graph.node) == 1
+    onnx.checker.check_model(model)
+    assert split_concat_convolutions(model) == 0  # nothing left to split
+    onnx.save(model, tmp_path / "split.onnx")
+    import onnxruntime as ort
+
+    plain = ort.SessionOptions()  # the graph as written: no fused int8 kernels with their own rounding
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    before, after = (ort.InferenceSession(str(p), plain).run(None, {"input": x.numpy()})[0]
+                     for p in (int8, tmp_path / "split.onnx"))
+    assert np.allclose(before, after, atol=1e-5 * float(np.abs(before).max()))
+
+
+def test_openvino_int8_convolution_after_concat_matches_onnxruntime(concat_conv):
+    from medptq_monai.metrics import sqnr_db
+
+    int8, x, reference = concat_conv
+    ov_engine = OpenVinoEngine(int8, "int8")
+    assert ov_engine.describe()["split_concat_convolutions"] == "1"
+    ort_db = sqnr_db(reference.numpy(), OnnxRuntimeEngine(int8, "int8")(x).numpy())
+    ov_db = sqnr_db(reference.numpy(), ov_engine(x).numpy())
+    assert ort_db > 25.0 and abs(ov_db - ort_db) < 1.0, (ort_db, ov_db)  # unsplit, OpenVINO gave ~6 dB

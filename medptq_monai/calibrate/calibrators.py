@@ -7,6 +7,12 @@ Runtime's MinMax calibrator was killed at 24 GiB on SwinUNETR). Here they are fe
 per ``collect_data`` call, so memory is bounded by one patch's activations whatever the
 patch count: MinMax merges ranges per call and the histogram collector merges histograms.
 
+The histogram calibrators expose every calibrated tensor as a graph output, so one patch
+costs the sum of those tensors (VISTA3D at 128³: 48 tensors, 12 GiB peak). Above
+``max_pass_bytes`` the tensors are split into groups calibrated in separate passes over the
+same patches: memory is bounded by one group, time grows with the number of passes. MinMax
+exposes only per-tensor reductions and always runs in one pass.
+
 Calibrators: ``max`` (MinMax, symmetric), ``entropy`` (KL divergence, TensorRT's method),
 ``percentile`` (``percentile`` of |x|) and ``mse`` (the clipping threshold minimising the
 int8 quantization MSE over the |x| histogram; ONNX Runtime has no MSE method, so only this
@@ -17,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 from onnxruntime.quantization.calibrate import (
     EntropyCalibrater,
@@ -36,6 +44,7 @@ from ..errors import CalibrationError, UnknownNameError
 CALIBRATORS = ("max", "entropy", "percentile", "mse")
 HISTOGRAM_BINS = 2048
 INT8_LEVELS = 127
+MAX_PASS_BYTES = 2 * 1024**3
 
 
 class _OnePatch(CalibrationDataReader):
@@ -117,28 +126,48 @@ def _mse_ranges(calib) -> TensorsData:
     return TensorsData(CalibrationMethod.Percentile, ranges)
 
 
-def collect_ranges(
-    model_path: str | os.PathLike,
-    input_name: str,
-    patches: Iterable[np.ndarray],
-    calibrator: str,
-    tensors: set[str],
-    workdir: str | os.PathLike,
-    percentile: float = 99.99,
-    on_patch: Callable[[int], None] | None = None,
-) -> tuple[TensorsData, int]:
-    """Stream ``patches`` through the FP32 model and return (activation ranges, patch count).
+def activation_bytes(model_path: str | os.PathLike, tensors: set[str], batch: int) -> dict[str, int]:
+    """Bytes of each of ``tensors`` for one patch batch, from the (shape-inferred) model's value_info.
 
-    ``tensors`` are the activation tensors to calibrate. Raises ``CalibrationError`` when no
-    patch arrives or a patch does not match the first one's shape.
+    The batch axis counts as ``batch``; a tensor whose shape is unknown counts as the largest known one.
     """
-    check_calibrator(calibrator)
-    if calibrator in ("percentile",) and not 0.0 < percentile <= 100.0:
-        raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
-    if not tensors:
-        raise CalibrationError("the model has no tensors to calibrate (no quantizable op found)")
-    augmented = Path(workdir) / "augmented.onnx"
-    calib = _make_calibrator(calibrator, Path(model_path), augmented, tensors, percentile)
+    model = onnx.load(str(model_path), load_external_data=False)
+    infos = [*model.graph.input, *model.graph.value_info, *model.graph.output]
+    sizes: dict[str, int] = {}
+    for info in infos:
+        if info.name not in tensors:
+            continue
+        t = info.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if not dims or any(d is None for d in dims[1:]):
+            continue
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
+        sizes[info.name] = int(np.prod([batch if d is None else d for d in dims])) * itemsize
+    largest = max(sizes.values(), default=0)
+    return {name: sizes.get(name, largest) for name in tensors}
+
+
+def tensor_groups(sizes: dict[str, int], max_bytes: int) -> list[set[str]]:
+    """Split tensors into as few groups of at most ``max_bytes`` as first-fit decreasing finds
+    (a tensor larger than ``max_bytes`` gets a group of its own); deterministic order."""
+    groups: list[tuple[int, set[str]]] = []
+    for name, size in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
+        for i, (used, members) in enumerate(groups):
+            if used + size <= max_bytes:
+                members.add(name)
+                groups[i] = (used + size, members)
+                break
+        else:
+            groups.append((size, {name}))
+    return [members for _, members in groups]
+
+
+def _one_pass(
+    model_path: Path, input_name: str, patches: Iterable[np.ndarray], calibrator: str, tensors: set[str],
+    augmented: Path, percentile: float, on_patch: Callable[[int], None] | None,
+) -> tuple[TensorsData, int, float]:
+    """Stream ``patches`` once, calibrating ``tensors``: (ranges, patch count, input max |x|)."""
+    calib = _make_calibrator(calibrator, model_path, augmented, tensors, percentile)
     count, shape, input_amax = 0, None, 0.0
     quiet = io.StringIO()
     for patch in patches:
@@ -157,13 +186,61 @@ def collect_ranges(
         raise CalibrationError("no calibration data: zero patches were produced (refusing to calibrate on nothing)")
     with contextlib.redirect_stdout(quiet):
         ranges = _mse_ranges(calib) if calibrator == "mse" else calib.compute_data()
+    return ranges, count, input_amax
+
+
+def collect_ranges(
+    model_path: str | os.PathLike,
+    input_name: str,
+    patches: Iterable[np.ndarray],
+    calibrator: str,
+    tensors: set[str],
+    workdir: str | os.PathLike,
+    percentile: float = 99.99,
+    on_patch: Callable[[int], None] | None = None,
+    max_pass_bytes: int = MAX_PASS_BYTES,
+) -> tuple[TensorsData, int]:
+    """Stream ``patches`` through the FP32 model and return (activation ranges, patch count).
+
+    ``tensors`` are the activation tensors to calibrate. Histogram calibrators whose tensors add up
+    to more than ``max_pass_bytes`` per patch calibrate them in groups over several passes (the
+    patches are then held in memory). Raises ``CalibrationError`` when no patch arrives or a patch
+    does not match the first one's shape.
+    """
+    check_calibrator(calibrator)
+    if calibrator in ("percentile",) and not 0.0 < percentile <= 100.0:
+        raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
+    if not tensors:
+        raise CalibrationError("the model has no tensors to calibrate (no quantizable op found)")
+    if max_pass_bytes <= 0:
+        raise CalibrationError(f"max_pass_bytes must be positive, got {max_pass_bytes}")
+    model_path, work = Path(model_path), Path(workdir)
+    groups = [set(tensors)]
+    if calibrator != "max":  # MinMax exposes only per-tensor reductions: one pass always fits
+        iterator = iter(patches)
+        first = next(iterator, None)
+        if first is not None:
+            groups = tensor_groups(activation_bytes(model_path, tensors, int(np.shape(first)[0])), max_pass_bytes)
+            patches = itertools.chain([first], iterator)
+            if len(groups) > 1:
+                patches = list(patches)  # every pass needs the same patches
+    merged: dict[str, TensorData] = {}
+    count, input_amax, method = 0, 0.0, None
+    for i, group in enumerate(groups):
+        augmented = work / f"augmented{i}.onnx"
+        ranges, count, input_amax = _one_pass(
+            model_path, input_name, patches, calibrator, group, augmented, percentile, on_patch if i == 0 else None
+        )
+        method = ranges.calibration_method
+        merged.update(ranges.items())
+        augmented.unlink(missing_ok=True)
     if input_name in tensors:
         # The model input is the preprocessed image, whose range the bundle fixes (e.g. a clipped
         # HU window). Histogram calibrators can clip it hard (entropy picked 1/8 of [0, 1] on CT
         # with much air); clipping the input is never wanted, so it always gets its full range.
         amax = np.float32(input_amax or 1.0)
-        ranges[input_name] = TensorData(lowest=np.array(-amax, np.float32), highest=np.array(amax, np.float32))
-    missing = tensors - set(ranges.keys())
+        merged[input_name] = TensorData(lowest=np.array(-amax, np.float32), highest=np.array(amax, np.float32))
+    missing = tensors - set(merged)
     if missing:
         raise CalibrationError(f"calibration produced no range for {sorted(missing)[:5]}")
-    return ranges, count
+    return TensorsData(method, merged), count

@@ -32,7 +32,7 @@ from ..errors import CalibrationError
 from ..export.onnx_model import io_spec, load_onnx, metadata, save_onnx, set_metadata
 from ..export.trt_check import assert_tensorrt_compatible
 from ..fileio import sha256_file
-from .calibrators import check_calibrator, collect_ranges
+from .calibrators import MAX_PASS_BYTES, check_calibrator, collect_ranges
 
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -43,6 +43,7 @@ class QuantizeOptions:
 
     ``exclude`` holds ``fnmatch`` patterns over ONNX node names kept in float. MatMuls between
     two activations (attention scores) stay float unless ``quantize_activation_matmul``.
+    ``max_pass_bytes`` bounds the activations one calibration pass holds (more passes above it).
     """
 
     calibrator: str = "mse"
@@ -51,6 +52,7 @@ class QuantizeOptions:
     op_types: Sequence[str] = DEFAULT_OP_TYPES
     exclude: Sequence[str] = field(default_factory=tuple)
     quantize_activation_matmul: bool = False
+    max_pass_bytes: int = MAX_PASS_BYTES
 
     def __post_init__(self) -> None:
         check_calibrator(self.calibrator)
@@ -94,8 +96,9 @@ def restore_float_inputs(model: onnx.ModelProto, nodes: Sequence[str]) -> int:
     """Reconnect activation inputs of ``nodes`` that ONNX Runtime routed through a shared Q→DQ pair
     back to the float tensor, then drop Q/DQ nodes left without consumers. Returns inputs restored.
 
-    ONNX Runtime quantizes a tensor once for all its consumers, so a node excluded by name still
-    reads the dequantized tensor when another consumer of the same tensor is quantized.
+    ONNX Runtime quantizes a tensor once for all its consumers, so a float node (an excluded
+    convolution, a residual Add, a skip Concat) reads the dequantized tensor whenever another
+    consumer of the same tensor is quantized. Only quantized nodes should pay that rounding.
     """
     producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name for i in model.graph.initializer}
@@ -182,7 +185,9 @@ def write_qdq(
     finally:
         root.setLevel(level)
     model = onnx.load(str(raw))
-    restore_float_inputs(model, excluded)
+    quantized = set(chosen)
+    restore_float_inputs(model, [n.name for n in model.graph.node if n.name not in quantized
+                                 and n.op_type not in ("QuantizeLinear", "DequantizeLinear")])
     return model
 
 
@@ -209,7 +214,7 @@ def quantize_onnx(
         chosen, excluded, tensors = select_nodes(preprocess(fp32_path, pre), options)
         ranges, count = collect_ranges(
             pre, spec.input_name, _checked(patches, spec.input_shape), options.calibrator, tensors, work,
-            percentile=options.percentile, on_patch=on_patch,
+            percentile=options.percentile, on_patch=on_patch, max_pass_bytes=options.max_pass_bytes,
         )
         int8 = write_qdq(pre, ranges, options, chosen, excluded, work)
         meta = {

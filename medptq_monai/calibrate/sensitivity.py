@@ -47,7 +47,7 @@ def layer_sensitivity(
         op_type = {n.name: n.op_type for n in model.graph.node}
         chosen, excluded, tensors = select_nodes(model, options)
         ranges, _ = collect_ranges(pre, spec.input_name, patches, options.calibrator, tensors, work,
-                                   percentile=options.percentile)
+                                   percentile=options.percentile, max_pass_bytes=options.max_pass_bytes)
         reference = _outputs(pre, spec.input_name, evaluation)
         whole = _outputs(write_qdq(pre, ranges, options, chosen, excluded, work), spec.input_name, evaluation)
         layers = []

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
+import onnx
 import openvino as ov
 import torch
 
 from ..errors import EngineUnavailableError, ModelFileError
 from .base import Engine
+from .concat_conv import split_concat_convolutions
 
 
 class OpenVinoEngine(Engine):
@@ -18,7 +22,8 @@ class OpenVinoEngine(Engine):
 
     ``INFERENCE_PRECISION_HINT`` is pinned to f32 so the float parts are not silently run in
     bf16 on CPUs that support it (FP32 numbers must be FP32). One compiled model per batch
-    size (static shapes are faster than a dynamic batch on CPU).
+    size (static shapes are faster than a dynamic batch on CPU). QDQ convolutions that read a
+    Concat are split per Concat input before OpenVINO reads the model (it computes them wrongly).
     """
 
     name = "openvino"
@@ -35,13 +40,24 @@ class OpenVinoEngine(Engine):
             raise EngineUnavailableError(f"the OpenVINO engine runs on CPU, not {self.device}")
         self.core = ov.Core()
         try:
-            self.model = self.core.read_model(str(self.model_path))
+            self.model, self.split_convolutions = self._read(self.model_path)
         except Exception as err:
             raise ModelFileError(f"OpenVINO cannot read {self.model_path}: {err}") from err
         self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self._compiled: dict[int, ov.CompiledModel] = {}
+
+    def _read(self, path: Path) -> tuple[ov.Model, int]:
+        """Read the ONNX file; a QDQ model's Concat-fed convolutions are split first (see ``concat_conv``)."""
+        proto = onnx.load(str(path))
+        split = split_concat_convolutions(proto) if any(n.op_type == "QuantizeLinear" for n in proto.graph.node) else 0
+        if not split:
+            return self.core.read_model(str(path)), 0
+        with tempfile.TemporaryDirectory(prefix="medptq-ov-") as tmp:
+            rewritten = Path(tmp) / path.name
+            onnx.save(proto, str(rewritten))
+            return self.core.read_model(str(rewritten)), split
 
     def compiled(self, batch: int) -> ov.CompiledModel:
         """The model compiled for a static batch size (cached)."""
@@ -70,4 +86,5 @@ class OpenVinoEngine(Engine):
         return counts
 
     def describe(self) -> dict[str, str]:
-        return {**super().describe(), "openvino": ov.__version__}
+        return {**super().describe(), "openvino": ov.__version__,
+                "split_concat_convolutions": str(self.split_convolutions)}
