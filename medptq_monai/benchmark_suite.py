@@ -25,6 +25,7 @@ from .bundle.paths import paired_datalist
 from .bundle.runner import bundle_parser
 from .engines import create_engine
 from .engines.tensorrt_engine import tensorrt_available
+from .export.onnx_model import load_onnx, metadata
 from .errors import InputImageError, MedPTQError, UnknownNameError
 from .fileio import atomic_path
 from .machine import machine_info, machine_line
@@ -121,6 +122,8 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
         "calib_patches": calib_patches, "float_layers": len(meta.get("quantization", {}).get("float_layers", [])),
         "patch_seconds": {}, "patch_times_s": {}, "sqnr_db_by_engine": {}, "errors": {},
     }
+    calib_roi = metadata(load_onnx(int8, load_weights=False)).get("medptq.calibration_roi")
+    row["calib_roi_size"] = [int(d) for d in calib_roi.split("x")] if calib_roi else roi
     row["size_ratio"] = row["onnx_fp32_bytes"] / row["onnx_int8_bytes"]
     row.update(_static_checks(int8))
     reference = None
@@ -179,11 +182,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             notes.append(f"- {r['bundle']}: {r['error']}")
             continue
         times = " | ".join(_fmt(r["patch_seconds"].get(k), ".0f", 1e3) for k in keys)
+        calib = _fmt(r["calib_peak_bytes"], ".2f", 1 / (1 << 30))
+        if r.get("calib_roi_size", r["roi_size"]) != r["roi_size"]:
+            calib += f" ({'x'.join(map(str, r['calib_roi_size']))} patches)"
         lines.append(
             f"| {r['bundle']} | {r['params'] / 1e6:.1f} | {'x'.join(map(str, r['roi_size']))} "
             f"| {r['onnx_fp32_bytes'] / 1e6:.1f} | {r['onnx_int8_bytes'] / 1e6:.1f} | {r['size_ratio']:.2f}x "
             f"| {times} | {_fmt(r['speedup_openvino_int8_vs_torch'], '.2f', suffix='x')} "
-            f"| {_fmt(r['sqnr_db'], '.1f')} | {_fmt(r['calib_peak_bytes'], '.2f', 1 / (1 << 30))} "
+            f"| {_fmt(r['sqnr_db'], '.1f')} | {calib} "
             f"| {'ok' if r['onnx_checker'] == 'ok' else 'FAIL'} / "
             f"{'ok' if not r['tensorrt_check_issues'] else str(len(r['tensorrt_check_issues'])) + ' issue(s)'} |"
         )

@@ -14,12 +14,13 @@ import pytest
 
 from medptq_monai.bundle.runner import run_inference
 from medptq_monai.errors import (
+    CalibrationError,
     EngineUnavailableError,
     InputImageError,
     ModelFileError,
     UnknownNameError,
 )
-from medptq_monai.export.onnx_model import metadata
+from medptq_monai.export.onnx_model import io_spec, metadata
 from medptq_monai.export.trt_check import check_qdq_for_tensorrt
 
 from conftest import DATA, copy_bundle
@@ -287,3 +288,20 @@ def test_quantize_an_existing_fp32_onnx_and_reject_a_mismatched_one(calibrated_b
     with pytest.raises(Exception) as info:
         _calibrate(copy_bundle(tmp_path / "c"), SMALL_CT.parent, calib_num_patches=2, source_onnx=str(small_fp32))
     assert "3 classes" in str(_cause(info.value, ModelFileError))
+
+
+def test_calibration_roi_smaller_than_the_model_roi(calibrated_bundle, tmp_path):
+    bundle = copy_bundle(tmp_path / "unet_int8")
+    summary = _calibrate(bundle, SMALL_CT.parent, calib_num_patches=2, calib_roi_size=[48, 48, 48])
+    assert summary["calibration_roi"] == [48, 48, 48]
+    int8 = onnx.load(str(bundle / "models" / "model_int8.onnx"))
+    assert metadata(int8)["medptq.calibration_roi"] == "48x48x48"
+    assert io_spec(int8).input_shape[2:] == (96, 96, 96)
+    assert not list((bundle / "models").glob("*calibration*"))
+    with pytest.raises(Exception) as info:
+        _calibrate(bundle, SMALL_CT.parent, calib_num_patches=2, calib_roi_size=[128, 96, 96])
+    assert "at most roi_size" in str(_cause(info.value, CalibrationError))
+    with pytest.raises(Exception) as info:
+        _calibrate(bundle, SMALL_CT.parent, calib_num_patches=2, calib_roi_size=[48, 48, 48],
+                   source_onnx=str(calibrated_bundle / "models" / "model.onnx"))
+    assert "source_onnx" in str(_cause(info.value, CalibrationError))

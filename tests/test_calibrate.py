@@ -144,3 +144,30 @@ def test_calibration_in_several_passes_gives_the_ranges_of_one_pass(small_fp32, 
         assert float(one[t].range_value[1]) == float(many[t].range_value[1]), t
     with pytest.raises(CalibrationError, match="max_pass_bytes"):
         collect_ranges(pre, "input", ct_patches(1), calibrator, tensors, tmp_path, max_pass_bytes=0)
+
+
+def test_calibration_at_a_smaller_patch_size_applies_its_ranges_to_the_full_model(small_fp32, tmp_path):
+    from medptq_monai.export.torch_export import export_fp32
+
+    from conftest import small_unet
+
+    calib = tmp_path / "calib16.onnx"
+    export_fp32(small_unet(), calib, 1, (16, 16, 16))
+    out = tmp_path / "int8.onnx"
+    res = quantize_onnx(small_fp32, out, ct_patches(8, roi=(16, 16, 16)), QuantizeOptions(calibrator="max"),
+                        calibration_model=calib)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert io_spec(model).input_shape == (None, 1, 32, 32, 32)
+    assert metadata(model)["medptq.calibration_roi"] == "16x16x16" and res.num_patches == 8
+    assert check_qdq_for_tensorrt(model) == []
+    full = tmp_path / "full.onnx"
+    quantize_onnx(small_fp32, full, ct_patches(8), QuantizeOptions(calibrator="max"))
+    small_scales, full_scales = _scales(out), _scales(full)
+    assert small_scales.keys() == full_scales.keys()
+    ratios = [np.frombuffer(small_scales[k], np.float32) / np.frombuffer(full_scales[k], np.float32)
+              for k in full_scales]
+    assert all(np.all((r > 0.3) & (r < 3.0)) for r in ratios)  # same tensors, ranges of the same order
+    with pytest.raises(CalibrationError, match="has shape"):  # patches must match the calibration model
+        quantize_onnx(small_fp32, tmp_path / "x.onnx", ct_patches(2), QuantizeOptions(calibrator="max"),
+                      calibration_model=calib)

@@ -1,7 +1,7 @@
 """MONAI bundle components: engine-backed network, transforms, calibration workflow."""
 
 from ..export.torch_export import load_checkpoint
-from .calibration import BundleCalibrator
+from .calibration import BundleCalibrator, capped_roi
 from .network import EngineNetwork
 from .paths import bundle_root, list_images, paired_datalist
 from .transforms import LoadNiftid, RemapLabelsd, SaveLabeld, ValidateImaged
@@ -14,6 +14,7 @@ __all__ = [
     "SaveLabeld",
     "ValidateImaged",
     "bundle_root",
+    "capped_roi",
     "load_checkpoint",
     "list_images",
     "paired_datalist",

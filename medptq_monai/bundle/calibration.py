@@ -30,7 +30,9 @@ class BundleCalibrator:
     bundle ``network_def`` + ``checkpoint``, or ``source_onnx``: an FP32 ONNX exported elsewhere
     (e.g. the MedPTQ ``unet_fp32.onnx``), which must match the bundle's channels/classes/roi.
     ``quantize_attention`` also quantizes MatMuls between two activations (attention scores and
-    attention-weighted values); by default they stay float.
+    attention-weighted values); by default they stay float. ``calibration_roi`` (smaller than
+    ``roi_size``) calibrates a second export of the network at that patch size and applies its
+    ranges to the ``roi_size`` model: calibration memory scales with the patch volume (VISTA3D).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class BundleCalibrator:
         percentile: float = 99.99,
         exclude: Sequence[str] = (),
         quantize_attention: bool = False,
+        calibration_roi: Sequence[int] | None = None,
         foreground_fraction: float = 0.5,
         foreground_threshold: float = 0.0,
         image_key: str = "image",
@@ -62,8 +65,16 @@ class BundleCalibrator:
             calibrator=calibrator, seed=int(seed), percentile=float(percentile), exclude=tuple(exclude),
             quantize_activation_matmul=bool(quantize_attention),
         )
+        self.roi_size = tuple(int(r) for r in roi_size)
+        calib_roi = tuple(int(r) for r in calibration_roi) if calibration_roi is not None else self.roi_size
+        if len(calib_roi) != len(self.roi_size) or any(c <= 0 or c > r for c, r in zip(calib_roi, self.roi_size)):
+            raise CalibrationError(f"calibration_roi {list(calib_roi)} must have one positive size per axis, "
+                                   f"each at most roi_size {list(self.roi_size)}")
+        if calib_roi != self.roi_size and (network is None or source_onnx is not None):
+            raise CalibrationError("a calibration_roi smaller than roi_size needs the network (it is exported "
+                                   "again at that size), not a source_onnx")
         self.plan = PatchPlan(
-            roi_size=tuple(int(r) for r in roi_size), num_patches=int(num_patches), seed=int(seed),
+            roi_size=calib_roi, num_patches=int(num_patches), seed=int(seed),
             foreground_fraction=float(foreground_fraction), foreground_threshold=float(foreground_threshold),
         )
         self.dataset = dataset
@@ -82,13 +93,13 @@ class BundleCalibrator:
             self._check_spec(src)
             shutil.copyfile(src, dest)
             return sha256_file(src)
-        export_fp32(self.network, dest, self.in_channels, self.plan.roi_size, checkpoint=self.checkpoint)
+        export_fp32(self.network, dest, self.in_channels, self.roi_size, checkpoint=self.checkpoint)
         self._check_spec(dest)
         return sha256_file(self.checkpoint) if self.checkpoint else None
 
     def _check_spec(self, path: Path) -> None:
         io_spec(load_onnx(path, load_weights=False)).check_bundle(path, self.in_channels, self.num_classes,
-                                                                   self.plan.roi_size)
+                                                                   self.roi_size)
 
     def _volumes(self):
         for item in self.dataset:
@@ -109,12 +120,20 @@ class BundleCalibrator:
         with tempfile.TemporaryDirectory(prefix=".calibrating-", dir=self.output_dir) as scratch:
             fp32, int8 = Path(scratch) / self.fp32_path.name, Path(scratch) / self.int8_path.name
             source_sha = self._write_fp32(fp32)
+            calibration_model = None
+            if self.plan.roi_size != self.roi_size:
+                calibration_model = Path(scratch) / "calibration_roi.onnx"
+                export_fp32(self.network, calibration_model, self.in_channels, self.plan.roi_size,
+                            checkpoint=self.checkpoint)
             patches = sample_patches(self._volumes(), self.plan, num_volumes=count)
             with tqdm(total=self.plan.num_patches, desc=f"calibrating ({self.options.calibrator})",
                       unit="patch", disable=not self.progress) as bar:
                 result = quantize_onnx(
-                    fp32, int8, patches, self.options, source_sha256=source_sha, on_patch=lambda _n: bar.update(1)
+                    fp32, int8, patches, self.options, source_sha256=source_sha, on_patch=lambda _n: bar.update(1),
+                    calibration_model=calibration_model,
                 )
+            if calibration_model is not None:
+                calibration_model.unlink()
             for tmp, final in ((fp32, self.fp32_path), (int8, self.int8_path)):
                 os.chmod(tmp, 0o644)
                 os.replace(tmp, final)
@@ -125,9 +144,15 @@ class BundleCalibrator:
             "int8_bytes": self.int8_path.stat().st_size,
             "calibrator": self.options.calibrator,
             "num_patches": result.num_patches,
+            "calibration_roi": list(self.plan.roi_size),
             "seed": self.options.seed,
             "quantized_nodes": len(result.quantized_nodes),
             "excluded_nodes": result.excluded_nodes,
         }
         logger.info("calibration done: %s", summary)
         return summary
+
+
+def capped_roi(roi_size: Sequence[int], cap: int | None) -> list[int]:
+    """``roi_size`` with every axis at most ``cap`` (``None``: unchanged); the bundles' calibration patch size."""
+    return [int(r) if cap is None else min(int(r), int(cap)) for r in roi_size]

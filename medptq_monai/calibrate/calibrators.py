@@ -44,7 +44,7 @@ from ..errors import CalibrationError, UnknownNameError
 CALIBRATORS = ("max", "entropy", "percentile", "mse")
 HISTOGRAM_BINS = 2048
 INT8_LEVELS = 127
-MAX_PASS_BYTES = 2 * 1024**3
+MAX_PASS_BYTES = 1024**3
 
 
 class _OnePatch(CalibrationDataReader):
@@ -92,6 +92,7 @@ def _make_calibrator(name: str, model_path: Path, augmented: Path, wanted: set[s
     calib.wanted = set(wanted)
     calib.augment_graph()
     calib.create_inference_session()
+    calib.model = None  # the loaded ModelProto (weights included) is not needed once the session exists
     return calib
 
 
