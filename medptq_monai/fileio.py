@@ -1,13 +1,16 @@
-"""Atomic file output and hashing."""
+"""Atomic file output, hashing and checked JSON reading."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import ModelFileError
 
 
 @contextlib.contextmanager
@@ -48,3 +51,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike, what: str) -> object:
+    """Parse the JSON file ``path``; a missing or invalid file raises ``ModelFileError`` naming ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{what} {path} is not valid JSON: {err}") from err

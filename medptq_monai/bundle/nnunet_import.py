@@ -28,7 +28,7 @@ import torch
 
 from .. import __version__
 from ..errors import MedPTQError, ModelFileError
-from ..fileio import sha256_file
+from ..fileio import read_json, sha256_file
 from ..networks.nnunet import NNUNetPlan, load_plan
 
 __all__ = [
@@ -74,12 +74,7 @@ def read_dataset_json(path: str | os.PathLike) -> DatasetInfo:
     """Labels and channels of an nnU-Net v2 ``dataset.json`` (``labels``: name -> index,
     ``channel_names`` or the older ``modality``). Region-based label sets are refused."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"nnU-Net dataset.json not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"{path} is not valid JSON: {err}") from err
+    data = read_json(path, "nnU-Net dataset.json")
     labels = data.get("labels") if isinstance(data, dict) else None
     if not isinstance(labels, dict) or not labels:
         raise ModelFileError(f"{path}: no 'labels' mapping (name -> class index)")

@@ -20,17 +20,16 @@ MONAI array into nnU-Net's order before the network; ``Invertd`` undoes both.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import pydoc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ModelFileError
+from ..fileio import read_json
 
 __all__ = [
     "SUPPORTED_NETWORKS",
@@ -60,14 +59,8 @@ def load_plans(plans: str | os.PathLike | Mapping) -> dict:
         data = copy.deepcopy(dict(plans))
         where = "<plans dict>"
     else:
-        path = Path(plans)
-        where = str(path)
-        if not path.is_file():
-            raise ModelFileError(f"nnU-Net plans file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelFileError(f"nnU-Net plans file {path} is not valid JSON: {err}") from err
+        where = str(plans)
+        data = read_json(plans, "nnU-Net plans file")
     if not isinstance(data, dict) or not isinstance(data.get("configurations"), dict) or not data["configurations"]:
         raise ModelFileError(f"{where} is not an nnU-Net v2 plans file: no 'configurations' mapping")
     return data
