@@ -171,3 +171,16 @@ def test_calibration_at_a_smaller_patch_size_applies_its_ranges_to_the_full_mode
     with pytest.raises(CalibrationError, match="has shape"):  # patches must match the calibration model
         quantize_onnx(small_fp32, tmp_path / "x.onnx", ct_patches(2), QuantizeOptions(calibrator="max"),
                       calibration_model=calib)
+
+
+def test_a_calibration_model_with_other_inputs_is_refused(small_fp32, tmp_path):
+    from monai.networks.nets import UNet
+
+    from medptq_monai.export.torch_export import export_fp32
+
+    two_channels = tmp_path / "two_channels.onnx"
+    export_fp32(UNet(3, 2, 3, (8, 16), (2,), num_res_units=0).eval(), two_channels, 2, (16, 16, 16))
+    with pytest.raises(CalibrationError, match="calibration model .* has input"):
+        quantize_onnx(small_fp32, tmp_path / "x.onnx", ct_patches(2, roi=(16, 16, 16)),
+                      QuantizeOptions(calibrator="max"), calibration_model=two_channels)
+    assert not (tmp_path / "x.onnx").exists()
