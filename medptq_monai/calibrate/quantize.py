@@ -1,8 +1,9 @@
 """FP32 ONNX → compact INT8 QDQ ONNX for TensorRT explicit quantization and CPU INT8 engines.
 
 Placement (TensorRT's recommended pattern): Q/DQ on the *inputs* of Conv, ConvTranspose and
-weight MatMul/Gemm — int8 weights per output channel (axis 0 for Conv, 1 for ConvTranspose,
-the output axis for MatMul/Gemm), int8 activations per tensor, every zero point 0. Outputs,
+weight MatMul/Gemm — int8 weights per output channel (axis 0 for Conv, the output axis for
+MatMul/Gemm) and per tensor for ConvTranspose (see ``write_qdq``), int8 activations per tensor,
+every zero point 0. Outputs,
 biases, normalisation layers, Softmax and GELU stay in floating point. Weights are stored as
 int8 initializers feeding DequantizeLinear, so the file is ~4x smaller than FP32.
 
@@ -147,12 +148,32 @@ def preprocess(fp32_path: str | os.PathLike, out: Path) -> onnx.ModelProto:
     return load_onnx(out)
 
 
+def _convtranspose_weights(pre: Path, chosen: Sequence[str]) -> list[str]:
+    """Names of the constant weights of the ``chosen`` ConvTranspose nodes in ``pre``."""
+    model = onnx.load(str(pre), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    wanted = set(chosen)
+    return sorted({n.input[1] for n in model.graph.node
+                   if n.op_type == "ConvTranspose" and n.name in wanted and len(n.input) > 1 and n.input[1] in inits})
+
+
 def write_qdq(
     pre: Path, ranges: TensorsData, options: QuantizeOptions, chosen: Sequence[str], excluded: Sequence[str],
     work: Path,
 ) -> onnx.ModelProto:
     """Insert Q/DQ into the pre-processed model for ``chosen`` nodes with the given activation ranges."""
     cache, raw = work / "ranges.json", work / "qdq.onnx"
+    # ConvTranspose weights get ONE scale (per tensor). The per-channel axis TensorRT takes for them is not
+    # settled by NVIDIA's public sources: NVIDIA/TensorRT#2380 (2022, TRT 8.x: "the kernels assume
+    # per-input-channel quant for ConvTranspose", i.e. axis 0 of the (Cin, Cout/g, k...) weight; per output
+    # channel "not supported"), #1694 (axis 1 gave wrong results), and ModelOpt's torch default
+    # (NVIDIA/Model-Optimizer modelopt/torch/quantization/tensor_quant.py: ConvTranspose weights axis 0) say
+    # axis 0; ModelOpt's own ONNX PTQ for TRT 10 (modelopt/onnx/quantization/ort_utils.py, configure_ort:
+    # "ConvTranspose": 1) writes axis 1. A per-tensor weight scale is read the same way under both, and
+    # TensorRT accepts it for every layer. Measured (small MONAI UNet, Intel Xeon, OpenVINO 2026.4,
+    # onnxruntime 1.32): axis 0 makes OpenVINO run both Deconvolutions in f32, per tensor keeps them i8.
+    # QDQOpTypePerChannelSupportToAxis would not do: onnxruntime's QDQConv ignores it for ConvTranspose.
+    overrides = {w: [{"symmetric": True}] for w in _convtranspose_weights(pre, chosen)}
     save_tensors_data(ranges, cache)
     root = logging.getLogger()
     level = root.level
@@ -178,6 +199,7 @@ def write_qdq(
                 "QuantizeBias": False,
                 "OpTypesToExcludeOutputQuantization": list(options.op_types),
                 "DedicatedQDQPair": False,
+                "TensorQuantOverrides": overrides,
             },
         )
     finally:
