@@ -1,4 +1,5 @@
-"""Static TensorRT QDQ checks on a real onnxruntime-quantized 3D model and on edited copies of it."""
+"""Static TensorRT QDQ checks on a real 3D model quantized by this package (and by onnxruntime's defaults),
+and on edited copies of it: every rule has a graph that breaks it and the allowed case next to it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from medptq_monai.calibrate.quantize import QuantizeOptions, quantize_onnx
 from medptq_monai.errors import QDQCompatibilityError
 from medptq_monai.export.trt_check import (
+    MAX_OPSET,
+    MIN_OPSET,
     QDQIssue,
     assert_tensorrt_compatible,
     check_qdq_for_tensorrt,
@@ -26,8 +30,7 @@ ort_quant = pytest.importorskip("onnxruntime.quantization")
 class _Net(torch.nn.Module):
     """Conv3d → ReLU → ConvTranspose3d(stride 2) → Conv3d → InstanceNorm3d → Conv3d.
 
-    The ConvTranspose has Cin=4 != Cout=6 so a per-channel axis of 0 instead of 1 shows up
-    as a scale-length mismatch as well as a wrong axis.
+    The ConvTranspose has Cin=4 != Cout=6, so per-channel scales on its two candidate axes differ in length.
     """
 
     def __init__(self) -> None:
@@ -43,19 +46,22 @@ class _Net(torch.nn.Module):
         return self.c3(self.norm(self.c2(self.up(self.act(self.c1(x))))))
 
 
+def _patches(n: int = 4) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((1, 1, 8, 8, 8), dtype=np.float32) for _ in range(n)]
+
+
 class _Reader(ort_quant.CalibrationDataReader):
-    def __init__(self, n: int = 4) -> None:
-        rng = np.random.default_rng(0)
-        self._it = iter([{"image": rng.standard_normal((1, 1, 8, 8, 8), dtype=np.float32)} for _ in range(n)])
+    def __init__(self) -> None:
+        self._it = iter([{"image": p} for p in _patches()])
 
     def get_next(self) -> dict | None:
         return next(self._it, None)
 
 
 @pytest.fixture(scope="module")
-def qdq_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("trt_check")
-    fp32, int8 = tmp / "fp32.onnx", tmp / "int8.onnx"
+def fp32_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    fp32 = tmp_path_factory.mktemp("trt_check") / "fp32.onnx"
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -69,8 +75,23 @@ def qdq_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
             output_names=["logits"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
         )
+    return fp32
+
+
+@pytest.fixture(scope="module")
+def qdq_path(fp32_path: Path) -> Path:
+    """The model as this package quantizes it (calibrate.quantize.quantize_onnx)."""
+    int8 = fp32_path.with_name("int8.onnx")
+    quantize_onnx(fp32_path, int8, _patches(), QuantizeOptions(calibrator="max"))
+    return int8
+
+
+@pytest.fixture(scope="module")
+def ort_default_path(fp32_path: Path) -> Path:
+    """The same model through onnxruntime's quantize_static with its own per-channel defaults."""
+    int8 = fp32_path.with_name("int8_ort_default.onnx")
     ort_quant.quantize_static(
-        str(fp32),
+        str(fp32_path),
         str(int8),
         _Reader(),
         quant_format=ort_quant.QuantFormat.QDQ,
@@ -152,16 +173,23 @@ def test_real_ort_qdq_model_is_tensorrt_compatible(qdq_path: Path, qdq: onnx.Mod
     assert count_float_weight_qdq(qdq) == 0
 
 
-def test_ort_convtranspose_weight_is_per_output_channel_axis_1(qdq: onnx.ModelProto) -> None:
+def test_convtranspose_weight_is_per_tensor_and_conv_weights_per_output_channel(qdq: onnx.ModelProto) -> None:
     dq = _dq_feeding(qdq, "ConvTranspose")
-    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-    weight = _get_init(qdq, dq.input[0])
-    scale = _get_init(qdq, dq.input[1])
-    assert weight.dtype == np.int8 and weight.shape == (4, 6, 2, 2, 2)
-    assert axis == 1, f"onnxruntime quantized the ConvTranspose weight on axis {axis}, not 1"
-    assert scale.shape == (6,)
-    conv_dq = _dq_feeding(qdq, "Conv")
-    assert next((a.i for a in conv_dq.attribute if a.name == "axis"), 1) == 0
+    assert _get_init(qdq, dq.input[0]).dtype == np.int8 and _get_init(qdq, dq.input[0]).shape == (4, 6, 2, 2, 2)
+    assert _get_init(qdq, dq.input[1]).shape == () and _get_init(qdq, dq.input[2]).shape == ()
+    for conv in (n for n in qdq.graph.node if n.op_type == "Conv"):
+        conv_dq = next(n for n in qdq.graph.node if n.output and n.output[0] == conv.input[1])
+        assert [a.i for a in conv_dq.attribute if a.name == "axis"] == [0]  # explicit, output channels
+        assert _get_init(qdq, conv_dq.input[1]).shape == (_get_init(qdq, conv_dq.input[0]).shape[0],)
+
+
+def test_onnxruntime_default_convtranspose_axis_is_flagged(ort_default_path: Path) -> None:
+    """onnxruntime's own per-channel default puts ConvTranspose weights on axis 1: the only issue found."""
+    model = onnx.load(str(ort_default_path))
+    dq = _dq_feeding(model, "ConvTranspose")
+    assert [a.i for a in dq.attribute if a.name == "axis"] == [1]
+    issues = _assert_flagged(model, dq.name, "ConvTranspose", "not settled", "per-tensor")
+    assert {i.node for i in issues} == {dq.name}, [str(i) for i in issues]
 
 
 def test_summary_counts(qdq: onnx.ModelProto) -> None:
@@ -169,7 +197,7 @@ def test_summary_counts(qdq: onnx.ModelProto) -> None:
     assert s["quantize_linear"] == 4  # image, relu, convtranspose output, instancenorm output
     assert s["dequantize_linear"] == 8  # 4 activations + 4 weights
     assert s["int8_weight_initializers"] == 4
-    assert s["per_channel_weight_dq"] == 4
+    assert s["per_channel_weight_dq"] == 3  # the three Conv weights; the ConvTranspose weight is per tensor
     assert s["per_tensor_activation_q"] == 4
     assert s["quantized_ops"] == {"Conv": 3, "ConvTranspose": 1}
 
@@ -187,8 +215,10 @@ def test_nonzero_zero_point(qdq: onnx.ModelProto) -> None:
 
 
 def test_nonzero_weight_zero_point(qdq: onnx.ModelProto) -> None:
-    dq = _dq_feeding(qdq, "ConvTranspose")
-    _set_init(qdq, dq.input[2], np.array([0, 0, 1, 0, 0, 0], dtype=np.int8))
+    dq = _dq_feeding(qdq, "Conv")
+    zp = np.zeros(_get_init(qdq, dq.input[2]).shape, dtype=np.int8)
+    zp[1] = 1
+    _set_init(qdq, dq.input[2], zp)
     _assert_flagged(qdq, dq.name, "nonzero")
 
 
@@ -206,12 +236,25 @@ def test_wide_zero_point(qdq: onnx.ModelProto, dtype: type) -> None:
     _assert_flagged(qdq, dq.name, "needs INT8")
 
 
-def test_missing_zero_point(qdq: onnx.ModelProto) -> None:
+def test_missing_zero_point_on_int8_dequantize_is_allowed(qdq: onnx.ModelProto) -> None:
+    """TensorRT 10's parser and IDequantizeLayer take an absent zero point as 0, as ONNX does for int8 input."""
+    _, act_dq = _activation_q(qdq, "image")
+    del act_dq.input[2]  # input: a Q with an int8 zero point
+    for op in ("Conv", "ConvTranspose"):  # input: an int8 weight initializer (per channel / per tensor)
+        del _dq_feeding(qdq, op).input[2]
+    assert check_qdq_for_tensorrt(qdq) == []
+
+
+def test_missing_zero_point_on_quantize_is_flagged(qdq: onnx.ModelProto) -> None:
+    """Without a zero point ONNX quantizes to uint8 and TensorRT to int8: the two disagree."""
     q, dq = _activation_q(qdq, "image")
-    del dq.input[2]
-    _assert_flagged(qdq, dq.name, "no explicit zero point")
     del q.input[2]
-    _assert_flagged(qdq, q.name, "uint8")
+    del dq.input[2]
+    issues = _assert_flagged(qdq, q.name, "uint8", "no zero point")
+    assert any(i.node == dq.name and "UINT8" in i.message for i in issues)  # the DQ now reads uint8
+    # an explicit int8 output_dtype (opset 21) settles it: the Q node itself is then fine
+    _set_attr(q, "output_dtype", TensorProto.INT8)
+    assert not [i for i in check_qdq_for_tensorrt(qdq) if i.node in (q.name, dq.name)]
 
 
 def test_zero_point_not_constant(qdq: onnx.ModelProto) -> None:
@@ -296,19 +339,34 @@ def test_constant_node_scale_and_zero_point_accepted(qdq: onnx.ModelProto) -> No
 
 
 # ---------------------------------------------------------------- weight axes
-def test_convtranspose_weight_on_axis_0(qdq: onnx.ModelProto) -> None:
+@pytest.mark.parametrize("axis, channels", [(0, 4), (1, 6)])  # Cin, Cout of the (4, 6, 2, 2, 2) weight
+def test_per_channel_convtranspose_weight_is_flagged_on_either_axis(qdq: onnx.ModelProto, axis: int,
+                                                                    channels: int) -> None:
     dq = _dq_feeding(qdq, "ConvTranspose")
-    _set_attr(dq, "axis", 0)
-    _assert_flagged(qdq, dq.name, "needs axis 1", "length")
-
-
-def test_convtranspose_axis_0_with_matching_length(qdq: onnx.ModelProto) -> None:
-    dq = _dq_feeding(qdq, "ConvTranspose")
-    _set_attr(dq, "axis", 0)
-    _set_init(qdq, dq.input[1], np.full(4, 0.01, np.float32))  # Cin scales: right length, wrong axis
-    _set_init(qdq, dq.input[2], np.zeros(4, np.int8))
-    issues = _assert_flagged(qdq, dq.name, "needs axis 1")
+    _set_attr(dq, "axis", axis)
+    _set_init(qdq, dq.input[1], np.full(channels, 0.01, np.float32))  # right length for that axis
+    _set_init(qdq, dq.input[2], np.zeros(channels, np.int8))
+    issues = _assert_flagged(qdq, dq.name, "not settled", "per-tensor")
     assert not any("length" in i.message for i in issues if i.node == dq.name)
+
+
+def test_per_channel_weight_without_explicit_axis(qdq: onnx.ModelProto) -> None:
+    """An absent axis is read as 0 by TensorRT 8.x parsers and as 1 by 10.x: it must be written out."""
+    dq = _dq_feeding(qdq, "Conv")
+    assert [a.i for a in dq.attribute if a.name == "axis"] == [0]
+    for a in list(dq.attribute):
+        if a.name == "axis":
+            dq.attribute.remove(a)
+    _assert_flagged(qdq, dq.name, "explicit axis")
+    _set_attr(dq, "axis", 0)
+    assert check_qdq_for_tensorrt(qdq) == []
+
+
+def test_per_tensor_qdq_needs_no_axis(qdq: onnx.ModelProto) -> None:
+    q, dq = _activation_q(qdq, "image")
+    ct_dq = _dq_feeding(qdq, "ConvTranspose")
+    assert not any(a.name == "axis" for n in (q, dq, ct_dq) for a in n.attribute)
+    assert check_qdq_for_tensorrt(qdq) == []
 
 
 def test_conv_weight_on_wrong_axis(qdq: onnx.ModelProto) -> None:
@@ -325,7 +383,7 @@ def test_wrong_weight_scale_length(qdq: onnx.ModelProto) -> None:
 
 
 def test_per_tensor_weight_allowed(qdq: onnx.ModelProto) -> None:
-    dq = _dq_feeding(qdq, "ConvTranspose")
+    dq = _dq_feeding(qdq, "Conv")
     _set_init(qdq, dq.input[1], np.array(0.02, np.float32))
     _set_init(qdq, dq.input[2], np.array(0, np.int8))
     assert check_qdq_for_tensorrt(qdq) == []
@@ -350,11 +408,24 @@ def test_non_default_domain(qdq: onnx.ModelProto) -> None:
     _assert_flagged(qdq, dq.name, "com.microsoft")
 
 
-def test_old_opset(qdq: onnx.ModelProto) -> None:
-    for op in qdq.opset_import:
+def _set_opset(model: onnx.ModelProto, version: int) -> None:
+    for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):
-            op.version = 10
-    _assert_flagged(qdq, "<graph>", "opset 10")
+            op.version = version
+
+
+def test_old_opset(qdq: onnx.ModelProto) -> None:
+    _set_opset(qdq, MIN_OPSET - 1)
+    _assert_flagged(qdq, "<graph>", f"opset {MIN_OPSET - 1}")
+    _set_opset(qdq, MIN_OPSET)
+    assert check_qdq_for_tensorrt(qdq) == []
+
+
+def test_opset_above_the_parser_range(qdq: onnx.ModelProto) -> None:
+    _set_opset(qdq, MAX_OPSET + 1)
+    _assert_flagged(qdq, "<graph>", f"opset {MAX_OPSET + 1}", "TensorRT 10.0")
+    _set_opset(qdq, MAX_OPSET)
+    assert check_qdq_for_tensorrt(qdq) == []
 
 
 # ---------------------------------------------------------------- tiny graphs: MatMul / Gemm / float weights

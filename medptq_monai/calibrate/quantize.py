@@ -164,9 +164,9 @@ def write_qdq(
     """Insert Q/DQ into the pre-processed model for ``chosen`` nodes with the given activation ranges."""
     cache, raw = work / "ranges.json", work / "qdq.onnx"
     # ConvTranspose weights get ONE scale (per tensor). The per-channel axis TensorRT takes for them is not
-    # settled by NVIDIA's public sources: NVIDIA/TensorRT#2380 (2022, TRT 8.x: "the kernels assume
-    # per-input-channel quant for ConvTranspose", i.e. axis 0 of the (Cin, Cout/g, k...) weight; per output
-    # channel "not supported"), #1694 (axis 1 gave wrong results), and ModelOpt's torch default
+    # settled by NVIDIA's public sources: NVIDIA/TensorRT#2380 (2022, TRT 8.x: its deconvolution kernels take
+    # per-input-channel scales, axis 0 of the (Cin, Cout/g, k...) weight, and per-output-channel scales are
+    # unsupported), #1694 (axis 1 gave wrong results), and ModelOpt's torch default
     # (NVIDIA/Model-Optimizer modelopt/torch/quantization/tensor_quant.py: ConvTranspose weights axis 0) say
     # axis 0; ModelOpt's own ONNX PTQ for TRT 10 (modelopt/onnx/quantization/ort_utils.py, configure_ort:
     # "ConvTranspose": 1) writes axis 1. A per-tensor weight scale is read the same way under both, and

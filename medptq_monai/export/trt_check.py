@@ -1,11 +1,24 @@
 """Static checks of a QDQ ONNX graph against TensorRT's explicit-quantization (INT8) rules.
 
-TensorRT builds INT8 engines only from explicit Q/DQ graphs. It needs symmetric
-quantization (every zero point an INT8 zero), build-time constant, finite, strictly
-positive scales, per-tensor activations, and per-output-channel (or per-tensor) weights
-on the right axis: axis 0 for Conv, axis 1 for ConvTranspose (weights laid out
-``(Cin, Cout/group, k...)``), and the output-channel axis for MatMul/Gemm. These checks run
-without TensorRT. They cover the main graph only, not the subgraphs of If/Loop nodes.
+TensorRT builds INT8 engines only from explicit Q/DQ graphs. These checks run without TensorRT
+and cover the main graph only, not the subgraphs of If/Loop nodes. Each rule names its source:
+
+- [PARSER10] onnx/onnx-tensorrt ``onnxOpImporters.cpp`` (commit dd0a3a9f, the TensorRT 10.x ONNX
+  parser), ``QuantDequantLinearHelper``: scales must be constant and > 0, zero points zero, the
+  zero point optional (two inputs suffice), a Q without zero point quantizes to INT8 (ONNX: UINT8),
+  per-channel scales 1-D with one value per element of ``axis``, ``axis`` read as ONNX's default 1
+  when absent (0 for opset < 13).
+- [PARSER8] onnx/onnx-tensorrt ``builtin_op_importers.cpp`` of the TensorRT 8.x releases: the same
+  helper required all three inputs and read an absent ``axis`` of a per-channel Q/DQ as 0.
+- [OPS] onnx/onnx-tensorrt ``docs/operators.md``: the TensorRT 10.0 parser documents opsets 9 to 20
+  inclusive (TensorRT 10.15: 9 to 24); QuantizeLinear/DequantizeLinear: INT8, zero point zero.
+- [HEADER] TensorRT ``NvInfer.h`` ``IQuantizeLayer``/``IDequantizeLayer``: zeroPt optional and then
+  taken as zero, only zeros allowed; scale a scalar (per tensor) or 1-D (per channel); activations
+  per tensor.
+- [DECONV] ConvTranspose weights: NVIDIA's public sources disagree on the per-channel axis
+  (axis 0 = input channels of the ``(Cin, Cout/group, k...)`` weight in NVIDIA/TensorRT#2380 and
+  ModelOpt's torch descriptors; axis 1 in ModelOpt's ONNX PTQ), so only a per-tensor scale is
+  unambiguous; that is what ``calibrate.quantize.write_qdq`` writes.
 """
 
 from __future__ import annotations
@@ -22,6 +35,9 @@ from ..errors import QDQCompatibilityError
 from .onnx_model import load_onnx
 
 _Q, _DQ = "QuantizeLinear", "DequantizeLinear"
+# [OPS] + per-channel Q/DQ: the ``axis`` attribute exists from opset 13; TensorRT 10.0's parser documents
+# opsets up to 20 (10.15: up to 24), so 13..20 is read by every TensorRT 10.x parser.
+MIN_OPSET, MAX_OPSET = 13, 20
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
@@ -143,11 +159,10 @@ def _as_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
 
 
 def _expected_weight_axis(consumer: onnx.NodeProto, idx: int, rank: int) -> int | None:
-    """Output-channel axis TensorRT needs for a per-channel weight, or None when there is no rule."""
+    """Output-channel axis TensorRT needs for a per-channel weight, or None when there is no rule
+    (ConvTranspose weights have their own rule: per tensor only, see [DECONV])."""
     if consumer.op_type == "Conv" and idx == 1:
         return 0
-    if consumer.op_type == "ConvTranspose" and idx == 1:
-        return 1
     if consumer.op_type == "MatMul" and idx == 1:
         return rank - 1
     if consumer.op_type == "Gemm" and idx == 1:
@@ -158,8 +173,15 @@ def _expected_weight_axis(consumer: onnx.NodeProto, idx: int, rank: int) -> int 
 def _check_zero_point(g: _Graph, node: onnx.NodeProto, scale: np.ndarray | None) -> list[str]:
     zp_name = _input(node, 2)
     if not zp_name:
-        default = "uint8" if node.op_type == _Q else "the input's type"
-        return [f"no explicit zero point (ONNX defaults to {default}); TensorRT int8 needs an int8 zero point of 0"]
+        if node.op_type == _DQ:
+            # [PARSER10]/[HEADER]: an absent zero point is taken as 0, which is also ONNX's meaning for an
+            # int8 input; the input's type is checked in _node_issues. ([PARSER8] still required it.)
+            return []
+        if _attr(node, "output_dtype", 0) == TensorProto.INT8:
+            return []  # opset 21+: ONNX and TensorRT both quantize to int8 with zero point 0
+        # [PARSER10]: TensorRT quantizes to INT8 here while ONNX (and every CPU runtime) quantizes to UINT8.
+        return ["no zero point and no output_dtype: ONNX quantizes to UINT8, TensorRT to INT8; "
+                "give an INT8 zero point of 0"]
     zp = g.consts.get(zp_name)
     if zp is None:
         return [f"zero point '{zp_name}' is not a constant"]
@@ -210,6 +232,13 @@ def _check_weight_layout(g: _Graph, node: onnx.NodeProto, scale: np.ndarray) -> 
     if node.op_type == _Q:  # consumers are checked on the DQ that follows
         return out
     for consumer, idx in g.consumers.get(node.output[0] if node.output else "", []):
+        if consumer.op_type == "ConvTranspose" and idx == 1:  # [DECONV]
+            out.append(
+                f"per-channel (axis {axis}) weight {dims} of ConvTranspose '{consumer.name}': TensorRT's axis for "
+                "ConvTranspose weights is not settled (axis 0: NVIDIA/TensorRT#2380; axis 1: ModelOpt ONNX PTQ); "
+                "use a per-tensor scale"
+            )
+            continue
         want = _expected_weight_axis(consumer, idx, rank)
         if want is None:
             continue
@@ -230,6 +259,10 @@ def _node_issues(g: _Graph, node: onnx.NodeProto) -> list[str]:
     scale, scale_msgs = _check_scale(g, node)
     msgs += scale_msgs
     msgs += _check_zero_point(g, node, scale)
+    if scale is not None and scale.size > 1 and not any(a.name == "axis" for a in node.attribute):
+        # [PARSER8] reads an absent axis of a per-channel Q/DQ as 0, [PARSER10] as ONNX's default 1.
+        msgs.append(f"per-channel scale ({scale.size} values) without an explicit axis attribute "
+                    "(TensorRT 8.x parsers read it as 0, 10.x as 1)")
     weight = g.is_weight(node)
     src = _input(node, 0)
     if node.op_type == _DQ:
@@ -238,6 +271,9 @@ def _node_issues(g: _Graph, node: onnx.NodeProto) -> list[str]:
             msgs.append(f"input '{src}' is INT32 (quantized bias); TensorRT does not support int32 DQ, keep bias float")
         elif src in g.consts and src_type != TensorProto.INT8:
             msgs.append(f"weight initializer '{src}' is {_type_name(src_type or 0)}, TensorRT int8 needs INT8")
+        elif src_type == TensorProto.UINT8 and not _input(node, 2):
+            # [PARSER10] rejects UINT8 DQ inputs (DLA-only flag); with a zero point the zero point is flagged
+            msgs.append(f"input '{src}' is UINT8 (a QuantizeLinear without zero point); TensorRT needs INT8")
     if weight:
         if scale is not None:
             msgs += _check_weight_layout(g, node, scale)
@@ -259,8 +295,12 @@ def check_qdq_for_tensorrt(model: onnx.ModelProto | str | os.PathLike) -> list[Q
     issues: list[QDQIssue] = []
     qdq = [(i, n) for i, n in enumerate(g.nodes) if n.op_type in (_Q, _DQ)]
     opset = max((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), default=0)
-    if qdq and opset < 13:
-        msg = f"default-domain opset {opset} < 13; per-channel Q/DQ needs 13"
+    if qdq and opset < MIN_OPSET:
+        msg = f"default-domain opset {opset} < {MIN_OPSET}; per-channel Q/DQ (the axis attribute) needs {MIN_OPSET}"
+        issues.append(QDQIssue("<graph>", "opset_import", msg))
+    elif opset > MAX_OPSET:
+        msg = (f"default-domain opset {opset} > {MAX_OPSET}, the highest opset TensorRT 10.0's ONNX parser "
+               f"supports (onnx-tensorrt docs/operators.md)")
         issues.append(QDQIssue("<graph>", "opset_import", msg))
     for i, node in qdq:
         issues += [QDQIssue(_name(node, i), node.op_type, m) for m in _node_issues(g, node)]
