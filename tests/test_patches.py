@@ -18,11 +18,24 @@ def test_same_seed_same_patches_and_other_seed_differs():
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
-def test_foreground_crops_are_centred_on_body():
-    vol = ct_volume()
-    plan = PatchPlan(roi_size=(32, 32, 32), num_patches=8, seed=0, foreground_fraction=1.0, foreground_threshold=0.1)
-    for patch in sample_patches([vol], plan):
-        assert (patch > 0.1).any()  # the sampled foreground voxel lies inside its crop
+def test_foreground_crops_hold_foreground_that_uniform_tiles_mostly_miss():
+    """Sparse foreground on the real CT: voxels at the top of the HU window (bone / contrast, > 0.99)
+    are 0.6 % of the volume and lie in under a quarter of the 8^3 tiles, so crops centred on them
+    differ from uniformly chosen tiles (with 61 % of voxels above 0.1, any crop would hold some)."""
+    vol, roi, threshold = ct_volume(), (8, 8, 8), 0.99
+    fg = vol[0] > threshold
+    tiles = tile_starts(vol.shape[1:], roi, 0.5)
+    tiles_with_fg = np.mean([fg[a : a + 8, b : b + 8, c : c + 8].any() for a, b, c in tiles])
+    assert fg.mean() < 0.01 and tiles_with_fg < 0.25  # the data make the two samplers distinguishable
+
+    def holding_fg(fraction: float) -> list[bool]:
+        plan = PatchPlan(roi_size=roi, num_patches=16, seed=0, foreground_fraction=fraction,
+                         foreground_threshold=threshold)
+        return [bool((p > threshold).any()) for p in sample_patches([vol], plan)]
+
+    assert all(holding_fg(1.0))  # each crop contains the foreground voxel it is centred on
+    assert sum(holding_fg(0.0)) < 8  # tiles: about tiles_with_fg of them (3 of 16 with seed 0)
+    assert all(holding_fg(0.5)[:8])  # the foreground half comes first
 
 
 def test_small_volume_is_zero_padded_to_roi():
