@@ -13,12 +13,25 @@ from monai.networks.nets import UNet
 
 from medptq_monai.calibrate.patches import PatchPlan, sample_patches
 from medptq_monai.calibrate.quantize import QuantizeOptions, quantize_onnx
+from medptq_monai.engines.tensorrt_engine import tensorrt_available
 from medptq_monai.export.torch_export import export_fp32
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "totalseg_ct"
 BUNDLE = ROOT / "bundles" / "unet_int8"
 SMALL_ROI = (32, 32, 32)
+
+# The engines' own test (package >= 10 + CUDA GPU): tests that expect TensorRT to be absent are skipped where
+# it is usable, and tests of engine ``auto`` expect ``tensorrt`` there.
+TENSORRT_USABLE, TENSORRT_REASON = tensorrt_available()
+needs_no_tensorrt = pytest.mark.skipif(
+    TENSORRT_USABLE, reason="TensorRT is usable here: this checks the behaviour without it"
+)
+
+
+def auto_engine(cpu_engine: str = "openvino") -> str:
+    """The engine that ``auto`` resolves to on this machine: TensorRT when usable, else ``cpu_engine``."""
+    return "tensorrt" if TENSORRT_USABLE else cpu_engine
 
 
 def small_unet() -> torch.nn.Module:

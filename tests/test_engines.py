@@ -9,7 +9,7 @@ from medptq_monai.engines.onnxruntime_engine import OnnxRuntimeEngine
 from medptq_monai.engines.openvino_engine import OpenVinoEngine
 from medptq_monai.errors import EngineUnavailableError, InputImageError, ModelFileError, UnknownNameError
 
-from conftest import ct_patches, small_unet
+from conftest import TENSORRT_REASON, TENSORRT_USABLE, ct_patches, needs_no_tensorrt, small_unet
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +93,25 @@ def test_unknown_engine_and_precision(small_int8):
         create_engine("openvino", small_int8, "int4")
 
 
+@needs_no_tensorrt
 def test_tensorrt_requested_without_tensorrt_is_a_clear_error(small_int8):
-    with pytest.raises(EngineUnavailableError, match="tensorrt|CUDA"):
+    with pytest.raises(EngineUnavailableError) as err:
         create_engine("tensorrt", small_int8, "int8")
+    assert TENSORRT_REASON and TENSORRT_REASON in str(err.value)  # the reason this machine has
 
 
+@needs_no_tensorrt
 def test_auto_falls_back_to_a_cpu_engine_with_a_warning(small_int8, caplog):
     with caplog.at_level(logging.WARNING, logger="medptq_monai.engines"):
         engine = create_engine("auto", small_int8, "int8", device="cuda")
     assert engine.name == "openvino" and engine.device.type == "cpu"
-    assert any("falling back" in r.message for r in caplog.records)
+    assert any("falling back" in r.message and TENSORRT_REASON in r.message for r in caplog.records)
+
+
+@pytest.mark.skipif(not TENSORRT_USABLE, reason=f"TensorRT is not usable here: {TENSORRT_REASON}")
+def test_auto_takes_tensorrt_when_usable(small_int8):
+    engine = create_engine("auto", small_int8, "int8", device="cuda")
+    assert engine.name == "tensorrt" and engine.device.type == "cuda"
 
 
 class _ConcatConv(torch.nn.Module):

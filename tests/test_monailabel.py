@@ -26,6 +26,8 @@ pytest.importorskip(
 
 from medptq_monai.label import APP_DIR  # noqa: E402
 
+from conftest import TENSORRT_USABLE  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CT = ROOT / "tests" / "data" / "totalseg_ct" / "images_small" / "abdomen_ct_small.nii.gz"
 START_TIMEOUT_S = 120.0
@@ -127,7 +129,8 @@ def test_info_reports_int8_engine(server: Server):
     models = json.loads(body)["models"]
     assert set(models) == {"unet_int8", "unet_int8_fp32"}
     int8, fp32 = models["unet_int8"], models["unet_int8_fp32"]
-    assert int8["engine"]["precision"] == "int8" and int8["engine"]["engine"] in ("openvino", "onnxruntime")
+    auto_engines = ("tensorrt",) if TENSORRT_USABLE else ("openvino", "onnxruntime")  # the app's engine is auto
+    assert int8["engine"]["precision"] == "int8" and int8["engine"]["engine"] in auto_engines
     assert int8["engine"]["model"].endswith("model_int8.onnx") and "INT8 engine" in int8["description"]
     assert fp32["engine"]["precision"] == "fp32" and fp32["engine"]["model"].endswith("model.onnx")
     assert int8["labels"]["spleen"] == 1 and len(int8["labels"]) == 13
