@@ -23,15 +23,17 @@ needs_trt = pytest.mark.skipif(not TRT_OK, reason=f"TensorRT engine unavailable:
 
 
 class TinySeg(torch.nn.Module):
-    """1 channel in, 3 classes out, [N, 1, 8, 8, 8]."""
+    """1 channel in, 3 classes out, [N, 1, 8, 8, 8]: strided Conv down, ConvTranspose up (the U-Net decoder
+    layer whose INT8 weights TensorRT reads its own way; Cin 4 != Cout 6), 1x1 Conv head."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = torch.nn.Conv3d(1, 4, 3, padding=1)
-        self.conv2 = torch.nn.Conv3d(4, 3, 1)
+        self.conv1 = torch.nn.Conv3d(1, 4, 3, stride=2, padding=1)
+        self.up = torch.nn.ConvTranspose3d(4, 6, 2, stride=2)
+        self.conv2 = torch.nn.Conv3d(6, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(torch.relu(self.conv1(x)))
+        return self.conv2(torch.relu(self.up(torch.relu(self.conv1(x)))))
 
 
 @pytest.fixture(scope="module")
@@ -56,25 +58,23 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.
 
 @pytest.fixture(scope="module")
 def tiny_qdq_onnx(tiny_onnx: tuple[Path, torch.nn.Module]) -> Path:
-    """QDQ INT8 copy of the tiny model (symmetric, per-channel weights), made with ONNX Runtime."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    """QDQ INT8 copy of the tiny model as this package writes it (calibrate.quantize.quantize_onnx)."""
+    from medptq_monai.calibrate.quantize import QuantizeOptions, quantize_onnx
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            gen = torch.Generator().manual_seed(1)
-            self.items = iter([{"input": torch.randn(1, 1, 8, 8, 8, generator=gen).numpy()} for _ in range(4)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.items, None)
-
+    gen = torch.Generator().manual_seed(1)
+    patches = [torch.randn(1, 1, 8, 8, 8, generator=gen).numpy() for _ in range(4)]
     src = tiny_onnx[0]
     dst = src.with_name("tiny.int8.onnx")
-    quantize_static(
-        str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-    )
+    quantize_onnx(src, dst, patches, QuantizeOptions(calibrator="max"))
     return dst
+
+
+def test_tiny_int8_model_quantizes_the_convtranspose(tiny_qdq_onnx: Path) -> None:
+    """The GPU INT8 test below covers an INT8 ConvTranspose, with the weight layout the check accepts."""
+    from medptq_monai.export.trt_check import check_qdq_for_tensorrt, qdq_summary
+
+    assert qdq_summary(tiny_qdq_onnx)["quantized_ops"] == {"Conv": 2, "ConvTranspose": 1}
+    assert check_qdq_for_tensorrt(tiny_qdq_onnx) == []
 
 
 def test_availability_reports_a_reason() -> None:
