@@ -1,5 +1,6 @@
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -14,8 +15,15 @@ from medptq_monai.calibrate.quantize import QuantizeOptions, preprocess, quantiz
 from medptq_monai.errors import CalibrationError, UnknownNameError
 from medptq_monai.export.onnx_model import io_spec, metadata
 from medptq_monai.export.trt_check import check_qdq_for_tensorrt, count_float_weight_qdq, qdq_summary
+from medptq_monai.metrics import sqnr_db
 
 from conftest import ct_patches
+
+
+def _run(path, patches):
+    """Logits of the ONNX model at ``path`` on ``patches`` (ONNX Runtime CPU)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"input": p})[0] for p in patches])
 
 
 def _scales(path):
@@ -105,7 +113,7 @@ def test_mse_threshold_clips_outliers_but_not_a_uniform_range():
     assert mse_threshold(tailed, edges) < 2.0
 
 
-def test_layer_sensitivity_ranks_every_quantized_node(small_fp32):
+def test_layer_sensitivity_ranks_every_quantized_node(small_fp32, tmp_path):
     from medptq_monai.calibrate.sensitivity import layer_sensitivity
 
     result = layer_sensitivity(small_fp32, ct_patches(3), QuantizeOptions(calibrator="max"), eval_patches=2)
@@ -113,9 +121,19 @@ def test_layer_sensitivity_ranks_every_quantized_node(small_fp32):
     model = onnx.load(str(small_fp32))
     convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     assert len(layers) == len(convs)
-    sqnr = [r["sqnr_db"] for r in layers]
-    assert sqnr == sorted(sqnr) and all(10.0 < v < 80.0 for v in sqnr)
-    assert result["all"] < max(sqnr)  # quantizing everything is noisier than the least sensitive layer alone
+    sqnr = np.array([r["sqnr_db"] for r in layers])
+    assert list(sqnr) == sorted(sqnr)
+    # reference 1: the INT8 file a fresh quantize_onnx writes from the same patches, on the same evaluation
+    # patches, is the "all" model of the analysis (measured: equal)
+    int8 = tmp_path / "int8.onnx"
+    quantize_onnx(small_fp32, int8, ct_patches(3), QuantizeOptions(calibrator="max"))
+    evaluation = ct_patches(3)[:2]
+    assert abs(sqnr_db(_run(small_fp32, evaluation), _run(int8, evaluation)) - result["all"]) < 0.1
+    # reference 2: the layers' noise powers add up to the whole model's (independent rounding noise;
+    # measured 31.87 dB predicted vs 31.93 dB), so every layer is measured and none is over- or under-counted
+    predicted_all = -10.0 * np.log10(np.sum(10.0 ** (-sqnr / 10.0)))
+    assert abs(predicted_all - result["all"]) < 1.0, (predicted_all, result["all"])
+    assert result["all"] < sqnr.min()  # quantizing everything is noisier than any one layer alone
 
 
 def test_tensor_groups_respect_the_byte_budget_and_cover_every_tensor():
@@ -163,11 +181,15 @@ def test_calibration_at_a_smaller_patch_size_applies_its_ranges_to_the_full_mode
     assert check_qdq_for_tensorrt(model) == []
     full = tmp_path / "full.onnx"
     quantize_onnx(small_fp32, full, ct_patches(8), QuantizeOptions(calibrator="max"))
-    small_scales, full_scales = _scales(out), _scales(full)
-    assert small_scales.keys() == full_scales.keys()
-    ratios = [np.frombuffer(small_scales[k], np.float32) / np.frombuffer(full_scales[k], np.float32)
-              for k in full_scales]
-    assert all(np.all((r > 0.3) & (r < 3.0)) for r in ratios)  # same tensors, ranges of the same order
+    # reference: quantizing the 16^3 model itself from the same patches gives exactly these scales
+    direct = tmp_path / "direct16.onnx"
+    quantize_onnx(calib, direct, ct_patches(8, roi=(16, 16, 16)), QuantizeOptions(calibrator="max"))
+    assert _scales(out) == _scales(direct) and _scales(out).keys() == _scales(full).keys()
+    # and on full-size patches it loses at most 1 dB against calibrating at the full size (measured: +0.8 dB)
+    evaluation = ct_patches(4, seed=11)
+    reference = _run(small_fp32, evaluation)
+    small_roi_db, full_roi_db = (sqnr_db(reference, _run(m, evaluation)) for m in (out, full))
+    assert small_roi_db >= full_roi_db - 1.0, (small_roi_db, full_roi_db)
     with pytest.raises(CalibrationError, match="has shape"):  # patches must match the calibration model
         quantize_onnx(small_fp32, tmp_path / "x.onnx", ct_patches(2), QuantizeOptions(calibrator="max"),
                       calibration_model=calib)
