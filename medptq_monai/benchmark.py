@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .bundle.runner import bundle_parser
-from .engines import create_engine
+from .engines import create_engine, engine_names, engine_spec
 from .engines.base import Engine
 from .engines.tensorrt_engine import tensorrt_available
 from .errors import CalibrationError, InputImageError, ModelFileError, UnknownNameError
@@ -37,7 +37,7 @@ from .metrics import dice_per_class, mean_dice, sqnr_db
 logger = logging.getLogger(__name__)
 
 SCHEMA = "medptq-benchmark-v1"
-BENCH_ENGINES = ("torch", "onnxruntime", "openvino", "tensorrt")
+BENCH_ENGINES = engine_names(include_auto=False)
 MIB = 1 << 20
 
 
@@ -51,19 +51,23 @@ class RowSpec:
     device: str = "cpu"
 
 
-CPU_ROWS = (
-    RowSpec("torch", "fp32", "MONAI torch FP32 eager"),
-    RowSpec("onnxruntime", "fp32", "ONNX Runtime FP32"),
-    RowSpec("onnxruntime", "int8", "ONNX Runtime INT8"),
-    RowSpec("openvino", "fp32", "OpenVINO FP32"),
-    RowSpec("openvino", "int8", "OpenVINO INT8"),
-)
-GPU_ROWS = (
-    RowSpec("torch", "fp32", "MONAI torch FP32 eager (CUDA)", "cuda"),
-    RowSpec("tensorrt", "fp32", "TensorRT FP32", "cuda"),
-    RowSpec("tensorrt", "fp16", "TensorRT FP16", "cuda"),
-    RowSpec("tensorrt", "int8", "TensorRT INT8", "cuda"),
-)
+def registry_rows(device: str) -> tuple[RowSpec, ...]:
+    """One row per registered engine and precision that runs on ``device`` (registry order)."""
+    rows = []
+    for name in BENCH_ENGINES:
+        spec = engine_spec(name)
+        if device not in spec.devices:
+            continue
+        for precision in spec.precisions:
+            label = spec.label if len(spec.precisions) == 1 else f"{spec.label} {precision.upper()}"
+            if device == "cuda" and "cpu" in spec.devices:
+                label += " (CUDA)"
+            rows.append(RowSpec(name, precision, label, device))
+    return tuple(rows)
+
+
+CPU_ROWS = registry_rows("cpu")
+GPU_ROWS = registry_rows("cuda")
 
 
 # ---- inputs -----------------------------------------------------------------------------------------
@@ -78,7 +82,7 @@ def parse_engines(engines: str | Sequence[str] | None) -> tuple[str, ...]:
     unknown = [n for n in names if n not in BENCH_ENGINES]
     if unknown or not names:
         raise UnknownNameError(
-            f"unknown benchmark engine(s) {unknown or engines!r}; choose from {', '.join(BENCH_ENGINES)}"
+            f"unknown benchmark engine(s) {unknown or engines!r}; registered engines: {', '.join(BENCH_ENGINES)}"
         )
     return names
 
@@ -209,20 +213,14 @@ class _Case:
 
 
 def build_engine(spec: RowSpec, case: _Case) -> Engine:
-    """The row's engine via ``create_engine`` (ORT/OpenVINO built directly when ``threads`` is set)."""
+    """The row's engine via ``create_engine`` (``threads`` for the CPU runtimes when set)."""
     models = case.bundle / "models"
     model = models / ("model_int8.onnx" if spec.precision == "int8" else "model.onnx")
-    if case.threads and spec.engine in ("onnxruntime", "openvino"):
-        from .engines.onnxruntime_engine import OnnxRuntimeEngine
-        from .engines.openvino_engine import OpenVinoEngine
-
-        cls = OnnxRuntimeEngine if spec.engine == "onnxruntime" else OpenVinoEngine
-        return cls(model, spec.precision, spec.device, threads=case.threads)
     return create_engine(
         spec.engine, model, spec.precision, spec.device,
         torch_network=case.parser.get_parsed_content("network_def", lazy=False) if spec.engine == "torch" else None,
         checkpoint=models / "model.pt", in_channels=case.in_channels, num_classes=case.num_classes,
-        cache_dir=case.bundle / ".cache",
+        cache_dir=case.bundle / ".cache", threads=case.threads,
     )
 
 

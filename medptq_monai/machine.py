@@ -14,6 +14,8 @@ from typing import Any
 import psutil
 import torch
 
+from .engines.cpu_isa import isa_line, isa_report
+
 
 class PeakRSS:
     """Context manager sampling the RSS of ``pid`` (default: this process) and its children in a
@@ -74,10 +76,11 @@ def _cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, threads, memory, load, GPU, package versions, date and command line."""
+    """CPU model, INT8 ISA (``cpu_isa``), cores, threads, memory, load, GPU, package versions, date, command."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     info: dict[str, Any] = {
         "cpu_model": _cpu_model(),
+        "int8_isa": isa_report(),
         "cpu_count": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "torch_threads": torch.get_num_threads(),
@@ -94,7 +97,7 @@ def machine_info() -> dict[str, Any]:
         "command": list(sys.argv),
     }
     info["summary"] = (
-        f"{info['cpu_model']}, {info['cpu_count']} logical CPUs ({info['physical_cores']} cores), "
+        f"{info['cpu_model']} (INT8 ISA {info['int8_isa']['host']}), {info['cpu_count']} logical CPUs ({info['physical_cores']} cores), "
         f"torch threads {info['torch_threads']}, {info['memory_bytes'] / (1 << 30):.0f} GiB RAM"
         + (f", GPU {gpu}" if gpu else ", no GPU")
     )
@@ -102,7 +105,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def machine_line(m: dict[str, Any]) -> str:
-    """One Markdown line for a report: machine, load, versions, date (``m`` from ``machine_info``)."""
+    """One Markdown line for a report: machine, INT8 ISA per engine, load, versions, date (``m`` from ``machine_info``)."""
     v = m["versions"]
-    return (f"Machine: {m['summary']}; load average {m['load_average']}; torch {v['torch']}, MONAI {v['monai']}, "
-            f"ONNX Runtime {v['onnxruntime']}, OpenVINO {v['openvino']}, TensorRT {v['tensorrt']}; {m['date']}.")
+    return (f"Machine: {m['summary']}; {isa_line(m['int8_isa'])}; load average {m['load_average']}; "
+            f"torch {v['torch']}, MONAI {v['monai']}, ONNX Runtime {v['onnxruntime']}, OpenVINO {v['openvino']}, "
+            f"TensorRT {v['tensorrt']}; {m['date']}.")

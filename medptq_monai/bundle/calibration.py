@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..calibrate.calibrators import DEFAULT_CALIBRATOR
 from ..calibrate.patches import PatchPlan, sample_patches
 from ..calibrate.quantize import QuantizeOptions, quantize_onnx
 from ..errors import CalibrationError
@@ -45,7 +46,7 @@ class BundleCalibrator:
         network: torch.nn.Module | None = None,
         checkpoint: str | os.PathLike | None = None,
         source_onnx: str | os.PathLike | None = None,
-        calibrator: str = "mse",
+        calibrator: str = DEFAULT_CALIBRATOR,
         num_patches: int = 32,
         seed: int = 0,
         percentile: float = 99.99,

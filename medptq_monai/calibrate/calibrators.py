@@ -26,6 +26,7 @@ import io
 import itertools
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,6 @@ from onnxruntime.quantization.calibrate import (
 
 from ..errors import CalibrationError, UnknownNameError
 
-CALIBRATORS = ("max", "entropy", "percentile", "mse")
 HISTOGRAM_BINS = 2048
 INT8_LEVELS = 127
 MAX_PASS_BYTES = 1024**3
@@ -71,24 +71,16 @@ def _restricted(cls: type) -> type:
 
 
 def check_calibrator(name: str) -> str:
-    """Return ``name`` if it is a known calibrator, else raise ``UnknownNameError``."""
+    """Return ``name`` if it is a registered calibrator, else raise ``UnknownNameError`` listing them."""
     if name not in CALIBRATORS:
-        raise UnknownNameError(f"unknown calibrator {name!r}; choose one of {', '.join(CALIBRATORS)}")
+        raise UnknownNameError(f"unknown calibrator {name!r}; registered calibrators: {', '.join(CALIBRATORS)}")
     return name
 
 
 def _make_calibrator(name: str, model_path: Path, augmented: Path, wanted: set[str], percentile: float):
+    spec = CALIBRATORS[check_calibrator(name)]
     common = {"op_types_to_calibrate": None, "augmented_model_path": str(augmented), "symmetric": True}
-    if name == "max":
-        calib = _restricted(MinMaxCalibrater)(str(model_path), **common)
-    elif name == "entropy":
-        calib = _restricted(EntropyCalibrater)(
-            str(model_path), **common, num_bins=HISTOGRAM_BINS, num_quantized_bins=INT8_LEVELS + 1
-        )
-    else:  # percentile, and mse (which reads the same |x| histograms)
-        calib = _restricted(PercentileCalibrater)(
-            str(model_path), **common, num_bins=HISTOGRAM_BINS, percentile=percentile
-        )
+    calib = _restricted(spec.ort_class)(str(model_path), **common, **spec.options(percentile))
     calib.wanted = set(wanted)
     calib.augment_graph()
     calib.create_inference_session()
@@ -125,6 +117,45 @@ def _mse_ranges(calib) -> TensorsData:
         t = np.float32(mse_threshold(hist, edges))
         ranges[tensor] = TensorData(lowest=np.array(-t, dtype=np.float32), highest=np.array(t, dtype=np.float32))
     return TensorsData(CalibrationMethod.Percentile, ranges)
+
+
+@dataclass(frozen=True)
+class CalibratorSpec:
+    """A registered calibrator: the ONNX Runtime calibrator class that collects statistics, its extra
+    constructor arguments (given the percentile option), and how ranges are read from it.
+
+    ``histogram`` calibrators expose whole tensors (calibrated in groups above ``max_pass_bytes``);
+    ``ranges`` None means ONNX Runtime's own ``compute_data``.
+    """
+
+    name: str
+    ort_class: type
+    options: Callable[[float], dict] = lambda _percentile: {}
+    ranges: Callable[[object], TensorsData] | None = None
+    histogram: bool = True
+    uses_percentile: bool = False
+
+
+CALIBRATORS: dict[str, CalibratorSpec] = {}
+
+
+def register_calibrator(spec: CalibratorSpec) -> CalibratorSpec:
+    """Add ``spec`` to the registry (a name registered twice is an error)."""
+    if spec.name in CALIBRATORS:
+        raise ValueError(f"calibrator name {spec.name!r} is already taken")
+    CALIBRATORS[spec.name] = spec
+    return spec
+
+
+register_calibrator(CalibratorSpec("max", MinMaxCalibrater, histogram=False))
+register_calibrator(CalibratorSpec(
+    "entropy", EntropyCalibrater, lambda _p: {"num_bins": HISTOGRAM_BINS, "num_quantized_bins": INT8_LEVELS + 1}))
+register_calibrator(CalibratorSpec(
+    "percentile", PercentileCalibrater, lambda p: {"num_bins": HISTOGRAM_BINS, "percentile": p}, uses_percentile=True))
+register_calibrator(CalibratorSpec(  # the threshold search over PercentileCalibrater's |x| histograms
+    "mse", PercentileCalibrater, lambda p: {"num_bins": HISTOGRAM_BINS, "percentile": p}, ranges=_mse_ranges))
+# the default everywhere (library, bundles, CLI): measured best on the U-Net demo (reports/calibrators.md)
+DEFAULT_CALIBRATOR = "mse"
 
 
 def activation_bytes(model_path: str | os.PathLike, tensors: set[str], batch: int) -> dict[str, int]:
@@ -185,8 +216,9 @@ def _one_pass(
             on_patch(count)
     if count == 0:
         raise CalibrationError("no calibration data: zero patches were produced (refusing to calibrate on nothing)")
+    reduce = CALIBRATORS[calibrator].ranges
     with contextlib.redirect_stdout(quiet):
-        ranges = _mse_ranges(calib) if calibrator == "mse" else calib.compute_data()
+        ranges = reduce(calib) if reduce is not None else calib.compute_data()
     return ranges, count, input_amax
 
 
@@ -208,8 +240,8 @@ def collect_ranges(
     patches are then held in memory). Raises ``CalibrationError`` when no patch arrives or a patch
     does not match the first one's shape.
     """
-    check_calibrator(calibrator)
-    if calibrator in ("percentile",) and not 0.0 < percentile <= 100.0:
+    spec = CALIBRATORS[check_calibrator(calibrator)]
+    if spec.uses_percentile and not 0.0 < percentile <= 100.0:
         raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
     if not tensors:
         raise CalibrationError("the model has no tensors to calibrate (no quantizable op found)")
@@ -217,7 +249,7 @@ def collect_ranges(
         raise CalibrationError(f"max_pass_bytes must be positive, got {max_pass_bytes}")
     model_path, work = Path(model_path), Path(workdir)
     groups = [set(tensors)]
-    if calibrator != "max":  # MinMax exposes only per-tensor reductions: one pass always fits
+    if spec.histogram:  # MinMax exposes only per-tensor reductions: one pass always fits
         iterator = iter(patches)
         first = next(iterator, None)
         if first is not None:

@@ -31,7 +31,7 @@ from ..errors import CalibrationError
 from ..export.onnx_model import io_spec, load_onnx, metadata, save_onnx, set_metadata
 from ..export.trt_check import assert_tensorrt_compatible
 from ..fileio import sha256_file
-from .calibrators import MAX_PASS_BYTES, check_calibrator, collect_ranges
+from .calibrators import CALIBRATORS, DEFAULT_CALIBRATOR, MAX_PASS_BYTES, check_calibrator, collect_ranges
 
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -45,7 +45,7 @@ class QuantizeOptions:
     ``max_pass_bytes`` bounds the activations one calibration pass holds (more passes above it).
     """
 
-    calibrator: str = "mse"
+    calibrator: str = DEFAULT_CALIBRATOR
     seed: int = 0
     percentile: float = 99.99
     op_types: Sequence[str] = DEFAULT_OP_TYPES
@@ -258,7 +258,7 @@ def quantize_onnx(
             "medptq.excluded_nodes": ",".join(excluded),
             "medptq.fp32_sha256": sha256_file(fp32_path),
         }
-        if options.calibrator in ("percentile",):
+        if CALIBRATORS[options.calibrator].uses_percentile:
             meta["medptq.percentile"] = options.percentile
         if calibration_model is not None:
             meta["medptq.calibration_roi"] = "x".join(str(d) for d in calib_spec.input_shape[2:])

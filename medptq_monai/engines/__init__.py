@@ -1,4 +1,4 @@
-"""One ``Engine`` interface over ONNX Runtime, OpenVINO, torch and TensorRT; ``create_engine`` picks one."""
+"""One ``Engine`` interface over the registered backends (``registry``); ``create_engine`` builds one."""
 
 from __future__ import annotations
 
@@ -8,20 +8,16 @@ import os
 import torch
 
 from ..errors import EngineUnavailableError, UnknownNameError
-from .base import PRECISIONS, Engine
-
-ENGINES = ("auto", "onnxruntime", "openvino", "tensorrt", "torch")
-# CPU order for ``auto``: OpenVINO runs QDQ convolutions as int8 kernels and measured fastest
-# here (reports/benchmark.md); ONNX Runtime keeps ConvTranspose and un-fused Q/DQ in float.
-CPU_PREFERENCE = ("openvino", "onnxruntime")
+from .base import PRECISIONS, Engine, EngineContext
+from .registry import AUTO, EngineSpec, cpu_engines, engine_names, engine_spec, register_engine
 
 logger = logging.getLogger(__name__)
 
 
 def check_engine_name(name: str) -> str:
-    """Return ``name`` if it is a known engine, else raise ``UnknownNameError``."""
-    if name not in ENGINES:
-        raise UnknownNameError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    """Return ``name`` if it is ``auto`` or a registered engine, else raise ``UnknownNameError``."""
+    if name != AUTO:
+        engine_spec(name)
     return name
 
 
@@ -34,7 +30,7 @@ def check_precision(precision: str) -> str:
 
 def create_engine(
     name: str,
-    model_path: str | os.PathLike,
+    model_path: str | os.PathLike | None,
     precision: str = "int8",
     device: str | torch.device = "cpu",
     *,
@@ -43,54 +39,41 @@ def create_engine(
     in_channels: int | None = None,
     num_classes: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
 ) -> Engine:
     """Build the engine ``name`` for ``model_path`` (an ONNX file; the torch engine uses the module + checkpoint).
 
-    ``auto`` takes TensorRT when it is usable (package + CUDA GPU), else the first CPU engine of
-    ``CPU_PREFERENCE`` that imports; a requested ``tensorrt`` that cannot run raises
+    ``auto`` takes TensorRT when it is usable (package + CUDA GPU), else the first installed CPU
+    engine of the registry's preference order; a requested ``tensorrt`` that cannot run raises
     ``EngineUnavailableError`` with the reason.
     """
     check_engine_name(name)
     check_precision(precision)
     device = torch.device(device)
-    if name == "auto":
+    if name == AUTO:
         from .tensorrt_engine import tensorrt_available
 
         usable, reason = tensorrt_available()
         if usable:
             name = "tensorrt"
         else:
-            name = _first_cpu_engine()
+            name = first_cpu_engine()
             log = logger.warning if device.type == "cuda" else logger.info
             log("engine auto: TensorRT is not usable (%s); falling back to %s on CPU", reason, name)
             device = torch.device("cpu")
-    if name == "torch":
-        if torch_network is None or in_channels is None or num_classes is None:
-            raise ValueError("the torch engine needs torch_network, in_channels and num_classes")
-        from .torch_engine import TorchEngine
-
-        return TorchEngine(torch_network, checkpoint, in_channels, num_classes, device)
-    if name == "onnxruntime":
-        from .onnxruntime_engine import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine(model_path, precision, device)
-    if name == "openvino":
-        from .openvino_engine import OpenVinoEngine
-
-        return OpenVinoEngine(model_path, precision, device)
-    from .tensorrt_engine import TensorRTEngine
-
-    return TensorRTEngine(model_path, precision, device if device.type == "cuda" else "cuda", cache_dir=cache_dir)
+    context = EngineContext(torch_network, checkpoint, in_channels, num_classes, cache_dir, threads)
+    return engine_spec(name).load_class().build(model_path, precision, device, context)
 
 
-def _first_cpu_engine() -> str:
-    for candidate in CPU_PREFERENCE:
-        try:
-            __import__(candidate)
-        except ImportError:
-            continue
-        return candidate
+def first_cpu_engine() -> str:
+    """The installed CPU engine ``auto`` picks (registry preference order)."""
+    for spec in cpu_engines():
+        if spec.installed():
+            return spec.name
     raise EngineUnavailableError("no CPU engine installed: pip install 'medptq-monai[cpu]' (openvino, onnxruntime)")
 
 
-__all__ = ["CPU_PREFERENCE", "ENGINES", "Engine", "check_engine_name", "check_precision", "create_engine"]
+__all__ = [
+    "AUTO", "Engine", "EngineContext", "EngineSpec", "check_engine_name", "check_precision", "cpu_engines",
+    "create_engine", "engine_names", "engine_spec", "first_cpu_engine", "register_engine",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,19 @@ from ..errors import InputImageError
 from ..export.onnx_model import IOSpec, io_spec, load_onnx
 
 PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """What an engine may need besides the model file: the torch reference's module, checkpoint and
+    I/O sizes, TensorRT's plan cache, and CPU runtimes' thread count (None: the runtime's default)."""
+
+    torch_network: torch.nn.Module | None = None
+    checkpoint: str | os.PathLike | None = None
+    in_channels: int | None = None
+    num_classes: int | None = None
+    cache_dir: str | os.PathLike | None = None
+    threads: int | None = None
 
 
 class Engine(abc.ABC):
@@ -32,6 +46,12 @@ class Engine(abc.ABC):
 
     def _read_spec(self) -> IOSpec:
         return io_spec(load_onnx(self.model_path, load_weights=False))
+
+    @classmethod
+    def build(cls, model_path: str | os.PathLike | None, precision: str, device: torch.device,
+              context: EngineContext) -> Engine:
+        """Construct the engine from the common arguments (``create_engine`` calls this)."""
+        return cls(model_path, precision, device, threads=context.threads)
 
     @property
     def in_channels(self) -> int | None:

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import os
 
+import onnx
 import onnxruntime as ort
 import torch
 
 from ..errors import ModelFileError
 from .base import Engine
+from .cpu_isa import accumulates_in_32_bits, engine_isa, weight_bits_label
+from .int8_weights import requantize_weights_7bit
 
 
 class OnnxRuntimeEngine(Engine):
     """Runs an FP32 or QDQ INT8 ONNX file with ONNX Runtime.
 
     On CPU, QDQ Conv is fused into integer QLinearConv only where the Q/DQ pattern allows it;
-    other quantized ops run in float between Q/DQ. Measure before assuming a speedup.
+    other quantized ops run in float between Q/DQ. Measure before assuming a speedup. On a CPU
+    without 32-bit INT8 accumulation (``cpu_isa``: MLAS follows the CPU's own flags) a QDQ model's
+    weights are requantized to 7 bits at load time so no 16-bit pair sum saturates.
     """
 
     name = "onnxruntime"
@@ -35,8 +40,15 @@ class OnnxRuntimeEngine(Engine):
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
+        self.isa = engine_isa(self.name)
+        self.weights_7bit = 0
         try:
-            self.session = ort.InferenceSession(str(self.model_path), options, providers=providers)
+            source: str | bytes = str(self.model_path)
+            if precision == "int8" and self.device.type == "cpu" and not accumulates_in_32_bits(self.isa):
+                proto = onnx.load(str(self.model_path))
+                self.weights_7bit = requantize_weights_7bit(proto)
+                source = proto.SerializeToString()
+            self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as err:
             raise ModelFileError(f"ONNX Runtime cannot load {self.model_path}: {err}") from err
         self.providers = self.session.get_providers()
@@ -47,4 +59,8 @@ class OnnxRuntimeEngine(Engine):
         return torch.from_numpy(out).to(self.device)
 
     def describe(self) -> dict[str, str]:
-        return {**super().describe(), "providers": ",".join(self.providers), "onnxruntime": ort.__version__}
+        info = {**super().describe(), "providers": ",".join(self.providers), "onnxruntime": ort.__version__,
+                "isa": self.isa}
+        if self.precision == "int8":
+            info["int8_weights"] = weight_bits_label(self.isa)
+        return info

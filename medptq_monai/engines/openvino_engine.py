@@ -15,6 +15,8 @@ import torch
 from ..errors import EngineUnavailableError, ModelFileError
 from .base import Engine
 from .concat_conv import split_concat_convolutions
+from .cpu_isa import accumulates_in_32_bits, engine_isa, weight_bits_label
+from .int8_weights import requantize_weights_7bit
 
 
 class OpenVinoEngine(Engine):
@@ -22,8 +24,10 @@ class OpenVinoEngine(Engine):
 
     ``INFERENCE_PRECISION_HINT`` is pinned to f32 so the float parts are not silently run in
     bf16 on CPUs that support it (FP32 numbers must be FP32). One compiled model per batch
-    size (static shapes are faster than a dynamic batch on CPU). QDQ convolutions that read a
-    Concat are split per Concat input before OpenVINO reads the model (it computes them wrongly).
+    size (static shapes are faster than a dynamic batch on CPU). Before OpenVINO reads a QDQ model:
+    on an INT8 path without 32-bit accumulation (``cpu_isa``; ``ONEDNN_MAX_CPU_ISA`` counts) the
+    weights are requantized to 7 bits so no 16-bit pair sum saturates, and convolutions that read a
+    Concat are split per Concat input (OpenVINO computes them wrongly on AVX2 and AVX-512 VNNI).
     """
 
     name = "openvino"
@@ -39,6 +43,8 @@ class OpenVinoEngine(Engine):
         if self.device.type != "cpu":
             raise EngineUnavailableError(f"the OpenVINO engine runs on CPU, not {self.device}")
         self.core = ov.Core()
+        self.isa = engine_isa(self.name)
+        self.weights_7bit = 0
         try:
             self.model, self.split_convolutions = self._read(self.model_path)
         except Exception as err:
@@ -49,10 +55,15 @@ class OpenVinoEngine(Engine):
         self._compiled: dict[int, ov.CompiledModel] = {}
 
     def _read(self, path: Path) -> tuple[ov.Model, int]:
-        """Read the ONNX file; a QDQ model's Concat-fed convolutions are split first (see ``concat_conv``)."""
+        """Read the ONNX file; a QDQ model gets saturation-safe weights where needed and its Concat-fed
+        convolutions split first."""
         proto = onnx.load(str(path))
-        split = split_concat_convolutions(proto) if any(n.op_type == "QuantizeLinear" for n in proto.graph.node) else 0
-        if not split:
+        split = 0
+        if any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
+            if not accumulates_in_32_bits(self.isa):
+                self.weights_7bit = requantize_weights_7bit(proto)
+            split = split_concat_convolutions(proto)
+        if not (split or self.weights_7bit):
             return self.core.read_model(str(path)), 0
         with tempfile.TemporaryDirectory(prefix="medptq-ov-") as tmp:
             rewritten = Path(tmp) / path.name
@@ -86,5 +97,8 @@ class OpenVinoEngine(Engine):
         return counts
 
     def describe(self) -> dict[str, str]:
-        return {**super().describe(), "openvino": ov.__version__,
+        info = {**super().describe(), "openvino": ov.__version__, "isa": self.isa,
                 "split_concat_convolutions": str(self.split_convolutions)}
+        if self.precision == "int8":
+            info["int8_weights"] = weight_bits_label(self.isa)
+        return info

@@ -32,7 +32,7 @@ import torch
 from ..errors import EngineUnavailableError, InputImageError, ModelFileError, UnknownNameError
 from ..export.onnx_model import load_onnx
 from ..fileio import atomic_path, sha256_file
-from .base import PRECISIONS, Engine
+from .base import PRECISIONS, Engine, EngineContext
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,12 @@ class TensorRTEngine(Engine):
         self._inputs, self._outputs = self._io_names()
         self._in_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(self.spec.input_name))
         self._out_dtypes = {n: _torch_dtype(trt, self._engine.get_tensor_dtype(n)) for n in self._outputs}
+
+    @classmethod
+    def build(cls, model_path: str | os.PathLike | None, precision: str, device: torch.device,
+              context: EngineContext) -> TensorRTEngine:
+        """On the CUDA device asked for (the current one when a CPU device was passed)."""
+        return cls(model_path, precision, device if device.type == "cuda" else "cuda", cache_dir=context.cache_dir)
 
     # ---- build / cache -------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ import torch
 
 from ..export.onnx_model import IOSpec
 from ..export.torch_export import load_checkpoint
-from .base import Engine
+from ..errors import UnknownNameError
+from .base import Engine, EngineContext
 
 
 class TorchEngine(Engine):
@@ -32,6 +33,16 @@ class TorchEngine(Engine):
         if checkpoint is not None:
             load_checkpoint(module, checkpoint)
         self.module = module.float().to(self.device).eval()
+
+    @classmethod
+    def build(cls, model_path: str | os.PathLike | None, precision: str, device: torch.device,
+              context: EngineContext) -> TorchEngine:
+        """The torch reference needs the module, its checkpoint and the I/O channel counts."""
+        if precision != "fp32":
+            raise UnknownNameError(f"the torch engine runs the FP32 checkpoint only, not {precision!r}")
+        if context.torch_network is None or context.in_channels is None or context.num_classes is None:
+            raise ValueError("the torch engine needs torch_network, in_channels and num_classes")
+        return cls(context.torch_network, context.checkpoint, context.in_channels, context.num_classes, device)
 
     def _read_spec(self) -> IOSpec:
         return self._io
