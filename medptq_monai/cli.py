@@ -44,6 +44,27 @@ class Commands:
         parser = bundle_parser(bundle, configs, **overrides)
         return parser.get_parsed_content("calibration").run()
 
+    def quantize(self, bundle: str, config_file=None, meta_file: str | None = None, checkpoint: str | None = None,
+                 roi_size=None, calibrator: str | None = None, num_patches: int = 32, seed: int = 0, exclude="",
+                 heldout_patches: int = 4, progress: bool = True, **overrides) -> dict:
+        """INT8 for an unmodified MONAI bundle (zoo layout): writes models/model.onnx, models/model_int8.onnx and
+        configs/inference_int8.json, then prints a summary. Run it with: python -m monai.bundle run --config_file
+        "['B/configs/inference.json','B/configs/inference_int8.json']" --bundle_root B --dataset_dir D.
+
+        CONFIG_FILE: the bundle's config(s), default configs/inference.json (a list is merged in order).
+        CHECKPOINT: default models/model.pt; ROI_SIZE: default inferer#roi_size; EXCLUDE: comma-separated
+        node-name patterns kept in float. Other --key value pairs override config ids (--dataset_dir D,
+        --datalist [...], --data_list_file_path F), as with monai.bundle run.
+        """
+        from .bundle.quantize_bundle import quantize_bundle
+        from .calibrate.calibrators import DEFAULT_CALIBRATOR
+
+        patterns = exclude.split(",") if isinstance(exclude, str) else [str(p) for p in exclude]
+        return quantize_bundle(bundle, config_file=config_file, meta_file=meta_file, checkpoint=checkpoint,
+                               roi_size=roi_size, calibrator=calibrator or DEFAULT_CALIBRATOR,
+                               num_patches=num_patches, seed=seed, exclude=[p for p in patterns if p],
+                               heldout_patches=heldout_patches, progress=progress, **overrides)
+
     def sensitivity(self, bundle: str, dataset_dir: str, calibrator: str | None = None, num_patches: int = 8,
                     seed: int = 0, top: int = 10, overlays: str = "") -> dict:
         """Per-layer INT8 sensitivity of a calibrated bundle (its FP32 models_dir/model.onnx): output SQNR (dB)

@@ -29,3 +29,7 @@ class UnknownNameError(MedPTQError, ValueError):
 
 class QDQCompatibilityError(MedPTQError, ValueError):
     """A QDQ ONNX graph breaks TensorRT's explicit-quantization rules."""
+
+
+class BundleConfigError(MedPTQError, ValueError):
+    """A bundle's configs lack an id medptq needs (``network_def``, ``inferer``, ...), or its value is unusable."""

@@ -1,0 +1,300 @@
+"""``medptq quantize BUNDLE``: INT8 for an unmodified MONAI bundle (model-zoo layout).
+
+Reads the bundle's own ids (``network_def``, ``dataset`` with its ``preprocessing``, ``inferer``,
+``_meta_`` ``network_data_format``) and its checkpoint; exports FP32 ONNX, calibrates on seeded
+patches of the bundle's own preprocessed data, checks the INT8 model against FP32 on held-back
+patches through the overlay's own network, and only then writes ``models/model.onnx``,
+``models/model_int8.onnx`` and ``configs/inference_int8.json``. Any failure leaves the bundle as it
+was: the three files are built in a scratch folder and moved into place together at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import copy
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..calibrate.calibrators import DEFAULT_CALIBRATOR
+from ..calibrate.patches import PatchPlan, sample_patches
+from ..calibrate.quantize import QuantizeOptions, quantize_onnx
+from ..engines import first_cpu_engine
+from ..errors import BundleConfigError, CalibrationError, MedPTQError, ModelFileError
+from ..export.onnx_model import io_spec, load_onnx
+from ..export.torch_export import export_fp32
+from ..fileio import sha256_file, write_text_atomic
+from ..machine import PeakRSS
+from ..metrics import sqnr_db
+from .bundle_config import BundleConfig, importable_scripts, inferer_roi, meta_channels, read_bundle
+from .overlay import FP32_NAME, INT8_NAME, OVERLAY_NAME, render_overlay, state_digest, unwrap_state
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = "models/model.pt"
+
+
+def quantize_bundle(
+    bundle_dir: str | os.PathLike,
+    config_file: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    meta_file: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    roi_size: Sequence[int] | None = None,
+    calibrator: str = DEFAULT_CALIBRATOR,
+    num_patches: int = 32,
+    seed: int = 0,
+    exclude: Sequence[str] = (),
+    heldout_patches: int = 4,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict:
+    """Quantize the bundle at ``bundle_dir`` to INT8 and write its overlay; returns a summary.
+
+    ``config_file``: the bundle's inference config(s), default ``configs/inference.json`` (or .yaml);
+    a list is merged in order, as ``monai.bundle run`` does. ``overrides`` replace config ids before
+    anything is built (``dataset_dir=...``, ``datalist=...``, ``data_list_file_path=...``).
+    ``checkpoint`` defaults to ``models/model.pt``; ``roi_size`` to ``inferer#roi_size``.
+    ``exclude``: ``fnmatch`` patterns over ONNX node names kept in float (a list, or comma-separated).
+    ``heldout_patches`` extra patches are drawn with the same seed but kept out of calibration: the
+    summary's SQNR (INT8 vs FP32 logits, dB) is measured on them.
+    """
+    start = time.perf_counter()
+    patterns = str(exclude).split(",") if isinstance(exclude, str) else [str(p) for p in exclude]
+    options = QuantizeOptions(calibrator=calibrator, seed=int(seed), exclude=tuple(p for p in patterns if p))
+    if int(heldout_patches) < 0:
+        raise CalibrationError(f"heldout_patches must be >= 0, got {heldout_patches}")
+    with PeakRSS() as memory:
+        bundle = read_bundle(bundle_dir, config_file, meta_file, **overrides)
+        with importable_scripts(bundle.root):
+            summary = _quantize(bundle, checkpoint, roi_size, options, int(num_patches), int(heldout_patches),
+                                progress, overrides)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    summary["peak_rss_bytes"] = int(memory.peak)
+    logger.info("quantized %s: %s", bundle.root, summary)
+    return summary
+
+
+def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_size: Sequence[int] | None,
+              options: QuantizeOptions, num_patches: int, heldout: int, progress: bool,
+              overrides: Mapping[str, Any]) -> dict:
+    bundle.require("network_def", "the network to quantize")
+    bundle.require("dataset", "the calibration data, through the bundle's own preprocessing")
+    in_channels, num_classes = meta_channels(bundle)
+    roi, roi_from_inferer = inferer_roi(bundle, roi_size)
+    ckpt = Path(checkpoint) if checkpoint is not None else bundle.root / DEFAULT_CHECKPOINT
+    if not ckpt.is_file():
+        raise ModelFileError(f"checkpoint not found: {ckpt} (the bundle's weights; pass --checkpoint FILE)")
+    network = bundle.parsed("network_def", "the network to quantize")
+    if not isinstance(network, torch.nn.Module):
+        raise BundleConfigError(f"`network_def` in {bundle.where()} is a {type(network).__name__}, not a torch module")
+    digest = _check_checkpoint(network, ckpt, bundle.parser.get("network_def#_target_", "?"))
+    dataset = bundle.parsed("dataset", "the calibration data, through the bundle's own preprocessing")
+    _check_not_empty(dataset, bundle)
+    image_key = _image_key(bundle)
+    plan = PatchPlan(roi_size=roi, num_patches=num_patches + heldout, seed=options.seed)
+
+    models = bundle.root / "models"
+    scratch_parent = models if models.is_dir() else bundle.root
+    with tempfile.TemporaryDirectory(prefix=".quantizing-", dir=scratch_parent) as scratch:
+        fp32, int8 = Path(scratch) / FP32_NAME, Path(scratch) / INT8_NAME
+        _export(network, fp32, ckpt, in_channels, num_classes, roi, bundle)
+        del network  # and the parser's cached instance: the FP32 weights are not kept through calibration
+        bundle.parser.ref_resolver.remove_resolved_content("network_def")
+        volumes = _volumes(dataset, image_key, in_channels, bundle)
+        split = HeldBack(sample_patches(volumes, plan, num_volumes=len(dataset)), plan.num_patches, heldout)
+        with tqdm(total=num_patches, desc=f"calibrating ({options.calibrator})", unit="patch",
+                  disable=not progress) as bar:
+            result = quantize_onnx(fp32, int8, split, options, source_sha256=sha256_file(ckpt),
+                                   on_patch=lambda _n: bar.update(1))
+        overlay = render_overlay(digest, None if roi_from_inferer else roi, bundle.has("device"))
+        sqnr, engine = _heldout_sqnr(bundle, overlay, overrides, fp32, int8, split.held)
+        _commit(bundle.root, fp32, int8, overlay)
+    fp32_final, int8_final = models / FP32_NAME, models / INT8_NAME
+    fp32_bytes, int8_bytes = fp32_final.stat().st_size, int8_final.stat().st_size
+    return {
+        "bundle": str(bundle.root),
+        "config_files": [_relative(f, bundle.root) for f in bundle.config_files],
+        "checkpoint": _relative(ckpt, bundle.root),
+        "fp32_onnx": _relative(fp32_final, bundle.root),
+        "int8_onnx": _relative(int8_final, bundle.root),
+        "overlay": _relative(bundle.root / "configs" / OVERLAY_NAME, bundle.root),
+        "fp32_bytes": fp32_bytes,
+        "int8_bytes": int8_bytes,
+        "size_ratio": round(fp32_bytes / int8_bytes, 2),
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "roi_size": list(roi),
+        "calibrator": options.calibrator,
+        "num_patches": result.num_patches,
+        "seed": options.seed,
+        "quantized_layers": len(result.quantized_nodes),
+        "float_layers": list(result.excluded_nodes),
+        "heldout_patches": len(split.held),
+        "sqnr_db": sqnr,
+        "sqnr_engine": engine,
+    }
+
+
+class HeldBack:
+    """Iterate ``patches`` (``total`` of them) yielding all but ``count`` evenly spaced ones, which are kept
+    in ``held`` (filled as the iteration passes them)."""
+
+    def __init__(self, patches: Iterable[np.ndarray], total: int, count: int) -> None:
+        self.patches = patches
+        self.indices = {(2 * j + 1) * total // (2 * count) for j in range(count)} if count else set()
+        self.held: list[np.ndarray] = []
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i, patch in enumerate(self.patches):
+            if i in self.indices:
+                self.held.append(patch)
+            else:
+                yield patch
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _check_checkpoint(network: torch.nn.Module, ckpt: Path, target: str) -> str:
+    """Check ``ckpt`` holds ``network``'s keys and shapes; return its ``state_digest``."""
+    try:
+        state = unwrap_state(torch.load(str(ckpt), map_location="cpu", weights_only=True))
+    except Exception as err:
+        raise ModelFileError(f"corrupt or unsafe checkpoint {ckpt}: {err}") from err
+    if not isinstance(state, Mapping):
+        raise ModelFileError(f"checkpoint {ckpt} holds a {type(state).__name__}, not a state dict")
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} key(s) missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"{len(shapes)} shape mismatch(es) (e.g. {shapes[:2]})" if shapes else ""]
+        raise ModelFileError(f"checkpoint {ckpt} does not match `network_def` ({target}): "
+                             + "; ".join(p for p in parts if p))
+    return state_digest(state)
+
+
+def _check_not_empty(dataset: Any, bundle: BundleConfig) -> None:
+    try:
+        count = len(dataset)
+    except TypeError as err:
+        raise BundleConfigError(f"`dataset` in {bundle.where()} has no length; calibration needs a map-style "
+                                "MONAI Dataset") from err
+    if count == 0:
+        where = ""
+        if bundle.has("dataset_dir"):
+            try:
+                where = f" (dataset_dir = {bundle.parser.get_parsed_content('dataset_dir')})"
+            except Exception:  # an unparsable dataset_dir is reported by the dataset itself
+                where = ""
+        raise CalibrationError(f"`dataset` is empty: its datalist found no images{where}; pass --dataset_dir DIR, "
+                               "--datalist [...] or --data_list_file_path FILE")
+
+
+def _image_key(bundle: BundleConfig) -> str:
+    if bundle.has("image_key"):
+        key = bundle.parser.get_parsed_content("image_key")
+        if isinstance(key, str):
+            return key
+    return "image"
+
+
+def _export(network: torch.nn.Module, dest: Path, ckpt: Path, in_channels: int, num_classes: int,
+            roi: Sequence[int], bundle: BundleConfig) -> None:
+    """FP32 ONNX of ``network`` + ``ckpt`` at ``[N, in_channels, *roi]``; disagreement with the metadata raises."""
+    target = bundle.parser.get("network_def#_target_", "?")
+    try:
+        export_fp32(network, dest, in_channels, roi, checkpoint=ckpt)
+    except MedPTQError:
+        raise
+    except Exception as err:
+        raise ModelFileError(
+            f"`network_def` ({target}) does not run on a [1, {in_channels}, {', '.join(map(str, roi))}] input "
+            f"({in_channels} channel(s) from {bundle.meta_file} inputs.image.num_channels, roi from the inferer): "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+        ) from err
+    io_spec(load_onnx(dest, load_weights=False)).check_bundle(f"`network_def` ({target})", in_channels,
+                                                              num_classes, roi)
+
+
+def _volumes(dataset: Any, image_key: str, in_channels: int, bundle: BundleConfig) -> Iterator[Any]:
+    """The bundle's preprocessed images, checked: one channel-first [C, D, H, W] volume per item, C = metadata's."""
+    for index in range(len(dataset)):
+        try:
+            item = dataset[index]
+        except MedPTQError:
+            raise
+        except Exception as err:
+            raise CalibrationError(f"`dataset` item {index} could not be loaded through the bundle's "
+                                   f"`preprocessing`: {str(err).strip().splitlines()[0]}") from err
+        if isinstance(item, list):
+            raise CalibrationError(f"`dataset` item {index} is a list of crops; calibration needs whole volumes "
+                                   "(an inference dataset, without random crops)")
+        image = item.get(image_key) if isinstance(item, Mapping) else item
+        if image is None:
+            raise BundleConfigError(f"`dataset` items have no {image_key!r} key (set `image_key`)")
+        name = getattr(image, "meta", {}).get("filename_or_obj", f"item {index}")
+        shape = tuple(image.shape)
+        if len(shape) != 4:
+            raise CalibrationError(f"`preprocessing` gives {name} the shape {shape}; calibration needs channel-first "
+                                   "[C, D, H, W] volumes")
+        if shape[0] != in_channels:
+            raise CalibrationError(
+                f"`dataset` image {name} has {shape[0]} channel(s) after `preprocessing`, but the network takes "
+                f"{in_channels} ({bundle.meta_file}: inputs.image.num_channels)"
+            )
+        yield image
+
+
+def _heldout_sqnr(bundle: BundleConfig, overlay: dict, overrides: Mapping[str, Any], fp32: Path, int8: Path,
+                  held: list[np.ndarray]) -> tuple[float | None, str]:
+    """Build the overlay's ``network`` against the bundle (as ``monai.bundle run`` will) for the scratch FP32 and
+    INT8 files, on a CPU engine; SQNR (dB) of the INT8 logits vs FP32 over the held-back patches."""
+    engine = first_cpu_engine()
+    outputs = []
+    for model_file, precision in ((fp32, "fp32"), (int8, "int8")):
+        settings = {**overrides, **copy.deepcopy(overlay), "engine_model_file": str(model_file), "precision": precision,
+                    "engine": engine, "device": "cpu"}
+        check = read_bundle(bundle.root, bundle.config_files, bundle.meta_file, **settings)
+        try:
+            network = check.parser.get_parsed_content("network")
+        except MedPTQError:
+            raise
+        except Exception as err:
+            cause = err.__cause__ if isinstance(err.__cause__, MedPTQError) else None
+            if cause is not None:
+                raise cause from err
+            raise BundleConfigError(f"the INT8 overlay does not build against {bundle.where()}: "
+                                    f"{str(err).strip().splitlines()[0]}") from err
+        with torch.no_grad():
+            outputs.append([network(torch.from_numpy(p)).cpu().numpy() for p in held])
+        del network
+    if not held:
+        return None, engine
+    return round(sqnr_db(np.concatenate(outputs[0]), np.concatenate(outputs[1])), 2), engine
+
+
+def _commit(root: Path, fp32: Path, int8: Path, overlay: dict) -> None:
+    """Move the scratch models into ``models/`` and write the overlay (each step atomic)."""
+    models = root / "models"
+    models.mkdir(exist_ok=True)
+    for tmp, name in ((fp32, FP32_NAME), (int8, INT8_NAME)):
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, models / name)
+    (root / "configs").mkdir(exist_ok=True)
+    write_text_atomic(root / "configs" / OVERLAY_NAME, json.dumps(overlay, indent=4) + "\n")
