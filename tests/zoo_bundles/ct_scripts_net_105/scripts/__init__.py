@@ -1,0 +1,1 @@
+"""Custom code of the test bundle (as zoo bundles ship theirs)."""
