@@ -195,7 +195,7 @@ def test_trained_ct_unet_int8_overlay_agrees_with_fp32(trained_ct, tmp_path):
     assert summary["fp32_bytes"] == (models / "model.onnx").stat().st_size
     assert summary["size_ratio"] > 3.0 and summary["float_layers"] == []
     assert summary["heldout_patches"] == 2 and summary["sqnr_db"] > 20.0
-    assert summary["seconds"] > 0 and summary["peak_rss_bytes"] > 0
+    assert summary["seconds"] > 0 and summary["peak_rss_bytes"] > 0 and summary["bundle"] == str(bundle)
     assert not list(models.glob(".quantizing-*"))
 
     # bundle_root "." as in the zoo: run from inside the bundle, as MONAI's docs do
@@ -393,3 +393,17 @@ def test_missing_bundle_parts_are_named(tmp_path):
     with pytest.raises(BundleConfigError, match="config file not found"):
         quantize_bundle(bundle, config_file=["configs/inference.json", "configs/missing.json"])
     assert isinstance(BundleConfigError("x"), MedPTQError)
+
+
+def test_yaml_config_and_a_datalist_override(quantized_small_ct, tmp_path):
+    import yaml
+
+    bundle = Path(shutil.copytree(quantized_small_ct, tmp_path / "b"))
+    config = bundle / "configs" / "inference.json"
+    (bundle / "configs" / "inference.yaml").write_text(yaml.safe_dump(json.loads(config.read_text())))
+    config.unlink()
+    image = str(CT_SMALL / "abdomen_ct_small.nii.gz")
+    summary = quantize_bundle(bundle, datalist=[image], calibrator="max", **FAST)
+    assert summary["config_files"] == ["configs/inference.yaml"] and summary["num_patches"] == FAST["num_patches"]
+    _run_in_process(bundle, ["inference.yaml", OVERLAY_NAME], datalist=[image], output_dir=str(tmp_path / "o"))
+    _assert_same_grid(_only_output(tmp_path / "o"), CT_SMALL / "abdomen_ct_small.nii.gz")

@@ -29,6 +29,7 @@ OVERLAY_NAME = "inference_int8.json"
 FP32_NAME = "model.onnx"
 INT8_NAME = "model_int8.onnx"
 NETWORK_TARGET = "medptq_monai.bundle.overlay.SourceCheckedEngineNetwork"
+OVERLAY_IDS = ("engine", "precision", "engine_model_file")  # the ids the overlay adds beside ``network``
 
 
 def unwrap_state(state: Any) -> Any:

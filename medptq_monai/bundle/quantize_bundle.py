@@ -35,7 +35,9 @@ from ..fileio import sha256_file, write_text_atomic
 from ..machine import PeakRSS
 from ..metrics import sqnr_db
 from .bundle_config import BundleConfig, importable_scripts, inferer_roi, meta_channels, read_bundle
-from .overlay import FP32_NAME, INT8_NAME, OVERLAY_NAME, render_overlay, state_digest, unwrap_state
+from .overlay import (
+    FP32_NAME, INT8_NAME, OVERLAY_IDS, OVERLAY_NAME, render_overlay, state_digest, unwrap_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +71,15 @@ def quantize_bundle(
     start = time.perf_counter()
     patterns = str(exclude).split(",") if isinstance(exclude, str) else [str(p) for p in exclude]
     options = QuantizeOptions(calibrator=calibrator, seed=int(seed), exclude=tuple(p for p in patterns if p))
-    if int(heldout_patches) < 0:
-        raise CalibrationError(f"heldout_patches must be >= 0, got {heldout_patches}")
+    if int(num_patches) < 1 or int(heldout_patches) < 0:
+        raise CalibrationError(f"num_patches must be >= 1 and heldout_patches >= 0, got {num_patches} and "
+                               f"{heldout_patches}")
     with PeakRSS() as memory:
         bundle = read_bundle(bundle_dir, config_file, meta_file, **overrides)
         with importable_scripts(bundle.root):
             summary = _quantize(bundle, checkpoint, roi_size, options, int(num_patches), int(heldout_patches),
                                 progress, overrides)
+    summary["bundle"] = os.fspath(bundle_dir)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     summary["peak_rss_bytes"] = int(memory.peak)
     logger.info("quantized %s: %s", bundle.root, summary)
@@ -88,6 +92,9 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
     bundle.require("network_def", "the network to quantize")
     bundle.require("dataset", "the calibration data, through the bundle's own preprocessing")
     in_channels, num_classes = meta_channels(bundle)
+    clashes = [i for i in OVERLAY_IDS if bundle.has(i)]
+    if clashes:
+        logger.warning("the bundle config already defines %s; configs/%s will override them", clashes, OVERLAY_NAME)
     roi, roi_from_inferer = inferer_roi(bundle, roi_size)
     ckpt = Path(checkpoint) if checkpoint is not None else bundle.root / DEFAULT_CHECKPOINT
     if not ckpt.is_file():
@@ -120,7 +127,6 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
     fp32_final, int8_final = models / FP32_NAME, models / INT8_NAME
     fp32_bytes, int8_bytes = fp32_final.stat().st_size, int8_final.stat().st_size
     return {
-        "bundle": str(bundle.root),
         "config_files": [_relative(f, bundle.root) for f in bundle.config_files],
         "checkpoint": _relative(ckpt, bundle.root),
         "fp32_onnx": _relative(fp32_final, bundle.root),
