@@ -211,6 +211,7 @@ def test_trained_ct_unet_int8_overlay_agrees_with_fp32(trained_ct, tmp_path):
     _assert_same_grid(fp32, source)
     a, b = np.asarray(fp32.dataobj), np.asarray(int8.dataobj)
     assert a.sum() > 1000, "the briefly trained network segments some liver"
+    assert (a != b).any(), "the overlay run is the INT8 engine, not the FP32 weights again"
     dice = dice_per_class(b, a, 2)[1]
     print(f"Dice INT8 vs FP32 (liver, full CT): {dice:.4f}; SQNR {summary['sqnr_db']} dB; "
           f"size {summary['fp32_bytes']} -> {summary['int8_bytes']} ({summary['size_ratio']}x)")
@@ -301,6 +302,8 @@ def test_source_checked_network_accepts_only_its_source_state(quantized_small_ct
         net.load_state_dict(changed)
     with pytest.raises(BundleConfigError, match="torch"):
         SourceCheckedEngineNetwork(model, source_digest=None, engine="torch")
+    with pytest.raises(ModelFileError, match="medptq quantize"):
+        SourceCheckedEngineNetwork(model.with_name("missing.onnx"))
 
 
 # ---------------------------------------------------------------- bad input: a specific error, nothing written

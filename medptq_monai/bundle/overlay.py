@@ -70,6 +70,8 @@ class SourceCheckedEngineNetwork(EngineNetwork):
         if engine == "torch":
             raise BundleConfigError("engine 'torch' is not served by the INT8 overlay: run the bundle's "
                                     "configs/inference.json alone for the FP32 torch reference")
+        if not os.path.isfile(model_file):
+            raise ModelFileError(f"model file not found: {model_file}; create it with: medptq quantize <bundle>")
         super().__init__(model_file, engine=engine, **kwargs)
         self.model_file = str(model_file)
         self.source_digest = source_digest
