@@ -80,8 +80,9 @@ def test_monai_bundle_run_segments_any_grid_with_input_geometry(calibrated_bundl
     shutil.copy(DATA / "calibration" / "slab_ct_other_patient.nii.gz", data / "slab512.nii.gz")  # 512x512x20, LAS
     _regridded_ct(data / "regrid.nii.gz")
     out = tmp_path / "out"
+    # bundle_root "." as in the zoo: run from inside the bundle, no --bundle_root needed
     proc = _bundle_run(["--config_file", str(calibrated_bundle / "configs" / "inference.json"),
-                        "--dataset_dir", str(data), "--output_dir", str(out)], cwd=tmp_path)
+                        "--dataset_dir", str(data), "--output_dir", str(out)], cwd=calibrated_bundle)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"'engine': '{auto_engine()}', 'precision': 'int8'" in proc.stdout + proc.stderr
     for name in ("small", "slab512", "regrid"):
@@ -221,8 +222,9 @@ def test_cli_exit_code_and_message_on_bad_input(calibrated_bundle, tmp_path):
     arr = np.asarray(nib.load(str(SMALL_CT)).dataobj, dtype=np.float32)
     arr[0, 0, 0] = np.inf
     _nifti(data / "inf.nii.gz", arr)
-    proc = _bundle_run(["--config_file", str(calibrated_bundle / "configs" / "inference.json"),
-                        "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out")], cwd=tmp_path)
+    proc = _bundle_run(["--config_file", str(calibrated_bundle / "configs" / "inference.json"), "--bundle_root",
+                        str(calibrated_bundle), "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out")],
+                       cwd=tmp_path)
     assert proc.returncode != 0
     assert "NaN/Inf" in proc.stderr
     assert not (tmp_path / "out" / "inf_seg.nii.gz").exists()
@@ -231,15 +233,17 @@ def test_cli_exit_code_and_message_on_bad_input(calibrated_bundle, tmp_path):
 def test_calibrate_config_through_monai_cli_and_bad_calibration_inputs(tmp_path):
     bundle = copy_bundle(tmp_path / "unet_int8")
     configs = json.dumps([str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "calibrate.json")])
-    proc = _bundle_run(["--config_file", configs, "--dataset_dir", str(SMALL_CT.parent), "--calib_num_patches", "2",
+    proc = _bundle_run(["--config_file", configs, "--bundle_root", str(bundle), "--dataset_dir", str(SMALL_CT.parent),
+                        "--calib_num_patches", "2",
                         "--calibrator", "percentile"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert metadata(onnx.load(str(bundle / "models" / "model_int8.onnx")))["medptq.calibrator"] == "percentile"
     (tmp_path / "empty").mkdir()
-    proc = _bundle_run(["--config_file", configs, "--dataset_dir", str(tmp_path / "empty")], cwd=tmp_path)
+    proc = _bundle_run(["--config_file", configs, "--bundle_root", str(bundle), "--dataset_dir",
+                        str(tmp_path / "empty")], cwd=tmp_path)
     assert proc.returncode != 0 and "no NIfTI files" in proc.stderr
-    proc = _bundle_run(["--config_file", configs, "--dataset_dir", str(SMALL_CT.parent), "--calibrator", "minmax"],
-                       cwd=tmp_path)
+    proc = _bundle_run(["--config_file", configs, "--bundle_root", str(bundle), "--dataset_dir", str(SMALL_CT.parent),
+                        "--calibrator", "minmax"], cwd=tmp_path)
     assert proc.returncode != 0 and "unknown calibrator 'minmax'" in proc.stderr
 
 
@@ -247,7 +251,8 @@ def test_train_config_runs_one_epoch(tmp_path):
     bundle = copy_bundle(tmp_path / "unet_int8")
     (bundle / "models" / "model.pt").unlink()
     configs = json.dumps([str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "train.json")])
-    proc = _bundle_run(["--config_file", configs, "--dataset_dir", str(DATA), "--max_epochs", "1",
+    proc = _bundle_run(["--config_file", configs, "--bundle_root", str(bundle), "--dataset_dir", str(DATA),
+                        "--max_epochs", "1",
                         "--num_samples", "1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (bundle / "models" / "model.pt").stat().st_size > 1_000_000

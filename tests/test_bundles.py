@@ -92,7 +92,7 @@ def test_monai_bundle_run_cli_on_small_ct(fidelity, tmp_path):
     bundle, _ = fidelity
     configs = json.dumps([str(bundle / "configs" / c) for c in ("inference.json", "small.json")])
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle),
          "--dataset_dir", str(DATA / "images_small"), "--output_dir", str(tmp_path / "out")],
         cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
     )

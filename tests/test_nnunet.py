@@ -233,7 +233,7 @@ def test_import_results_folder_gives_a_running_bundle(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(dest / "configs" / "inference.json"),
-         "--dataset_dir", str(SMALL_CT.parent), "--output_dir", str(out), "--engine", "torch",
+         "--bundle_root", str(dest), "--dataset_dir", str(SMALL_CT.parent), "--output_dir", str(out), "--engine", "torch",
          "--precision", "fp32", "--inferer#progress", "False"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -4,7 +4,7 @@ from ..export.torch_export import load_checkpoint
 from .calibration import BundleCalibrator, capped_roi
 from .network import EngineNetwork
 from .overlay import SourceCheckedEngineNetwork
-from .paths import bundle_root, list_images, paired_datalist
+from .paths import list_images, paired_datalist
 from .quantize_bundle import quantize_bundle
 from .transforms import LoadNiftid, RemapLabelsd, SaveLabeld, ValidateImaged
 
@@ -16,7 +16,6 @@ __all__ = [
     "SaveLabeld",
     "SourceCheckedEngineNetwork",
     "ValidateImaged",
-    "bundle_root",
     "capped_roi",
     "load_checkpoint",
     "list_images",

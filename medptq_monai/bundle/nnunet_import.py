@@ -3,11 +3,12 @@
 An nnU-Net v2 results folder (``nnUNet_results/DatasetXXX_Name/<trainer>__<plans>__<configuration>``)
 holds ``plans.json``, ``dataset.json`` and ``fold_X/checkpoint_final.pth`` (a dict whose
 ``network_weights`` is the state dict of the plans' network). :func:`import_nnunet` checks all
-of it before writing anything, then writes a bundle: the template's configs and docs, the
-results' ``plans.json`` and ``dataset.json`` in ``configs/``, ``models/model.pt`` (plain state
-dict) and ``configs/metadata.json`` updated (classes, channels, patch size). The bundle is built
-in a temporary folder beside the destination and renamed into place, so a failed import leaves
-nothing behind.
+of it before writing anything, then writes a bundle rendered from the package's bundle template
+(``medptq_monai.bundle.template`` with the nnU-Net ids: plans-driven network, preprocessing and
+inferer), the results' ``plans.json`` and ``dataset.json`` in ``configs/``, ``models/model.pt`` (plain
+state dict), ``configs/metadata.json`` (classes, channels, patch size) and ``docs/README.md``. The
+bundle is built in a temporary folder beside the destination and renamed into place, so a failed
+import leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from .. import __version__
 from ..errors import MedPTQError, ModelFileError
 from ..fileio import read_json, sha256_file
 from ..networks.nnunet import NNUNetPlan, load_plan
+from .template import nnunet_ids, render_bundle, template_json
 
 __all__ = [
-    "DEFAULT_TEMPLATE",
     "BundleExistsError",
     "DatasetInfo",
     "import_nnunet",
@@ -41,11 +42,6 @@ __all__ = [
     "state_dict_for_plan",
 ]
 
-#: the bundle whose configs/docs an imported bundle copies (this repository's bundles/nnunet_int8)
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "bundles" / "nnunet_int8"
-#: template files an imported bundle does not take (demo-only, or replaced by the results' own)
-_SKIP_CONFIGS = {"small.json", "plans.json", "dataset.json"}
-_SKIP_DIRS = {"models", "eval", ".cache", "__pycache__"}
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -215,9 +211,7 @@ def _results_name_parts(results: Path) -> tuple[str, str, str] | None:
     return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
 
 
-def _check_destination(dest: Path, template: Path, overwrite: bool) -> None:
-    if dest.resolve() == template.resolve():
-        raise MedPTQError(f"the destination is the template bundle itself: {dest}")
+def _check_destination(dest: Path, overwrite: bool) -> None:
     if dest.exists() and not dest.is_dir():
         raise BundleExistsError(f"destination exists and is not a folder: {dest}")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
@@ -234,29 +228,16 @@ def _fold_dir(results: Path, fold: int | str) -> Path:
     return fold_dir
 
 
-def _write_bundle(tmp: Path, template: Path, results: Path, plan: NNUNetPlan, info: DatasetInfo,
+def _write_bundle(tmp: Path, results: Path, plan: NNUNetPlan, info: DatasetInfo,
                   state: dict[str, torch.Tensor], meta_extra: dict) -> None:
     """Fill the (empty) folder ``tmp`` with the imported bundle."""
-    for item in template.iterdir():
-        if item.name in _SKIP_DIRS or item.name.startswith("."):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, tmp / item.name, ignore=shutil.ignore_patterns(*_SKIP_CONFIGS, "__pycache__"))
-        else:
-            shutil.copy2(item, tmp / item.name)
+    # label_map null: reference labels are read in the dataset's own class indices
+    render_bundle(tmp, {**nnunet_ids(), "configuration": plan.configuration, "label_map": None})
     configs = tmp / "configs"
     for name in ("plans.json", "dataset.json"):
         shutil.copyfile(results / name, configs / name)
 
-    inference = json.loads((configs / "inference.json").read_text())
-    for key in ("configuration", "label_map"):
-        if key not in inference:
-            raise MedPTQError(f"template {template}/configs/inference.json has no {key!r} key")
-    inference["configuration"] = plan.configuration
-    inference["label_map"] = None  # reference labels are read in the dataset's own class indices
-    (configs / "inference.json").write_text(json.dumps(inference, indent=4) + "\n")
-
-    meta = json.loads((configs / "metadata.json").read_text())
+    meta = template_json("nnunet_metadata.json")
     scale = plan.ct_scale_range()
     norm = plan.ct_normalization()
     names = " ".join(f"{i} {n}," for i, n in enumerate(info.labels)).rstrip(",")
@@ -280,12 +261,6 @@ def _write_bundle(tmp: Path, template: Path, results: Path, plan: NNUNetPlan, in
         "eval_metrics": {"note": "not measured: run configs/evaluate.json on your labelled data"},
         "nnunet": meta_extra["nnunet"],
     })
-    quant = meta.get("quantization", {})
-    if quant.get("float_layers"):
-        quant["float_layers_reason"] = (
-            f"inherited from the template bundle {template.name}, where it was measured on its demo weights: "
-            f"{quant.get('float_layers_reason', '')} Check this model with `medptq sensitivity` and edit the list."
-        )
     fmt = meta["network_data_format"]
     image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
     image.update({"num_channels": info.in_channels, "spatial_shape": list(plan.patch_size),
@@ -296,21 +271,37 @@ def _write_bundle(tmp: Path, template: Path, results: Path, plan: NNUNetPlan, in
     (configs / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
 
     readme = tmp / "docs" / "README.md"
-    header = (
-        f"# {meta_extra['bundle_name']} — imported nnU-Net v2 model\n\n"
-        f"Imported by `medptq import_nnunet` (medptq-monai {__version__}) on {meta_extra['nnunet']['imported_at']} "
-        f"from `{results}` (fold {meta_extra['fold']}, `{meta_extra['nnunet']['checkpoint']}`, sha256 "
-        f"`{meta_extra['nnunet']['checkpoint_sha256']}`): {info.num_classes} classes, patch "
-        f"{'x'.join(map(str, plan.patch_size))}, spacing {plan.spacing} (nnU-Net axis order). `label_map` is "
-        "`null`: labels for evaluation/training are read in this dataset's own class indices. The template's "
-        "notes below about `configs/small.json` and `models/small` do not apply to this bundle.\n\n---\n\n"
-    )
     readme.parent.mkdir(parents=True, exist_ok=True)
-    readme.write_text(header + (readme.read_text() if readme.is_file() else ""))
+    readme.write_text(_readme(results, plan, info, meta_extra))
 
     models = tmp / "models"
     models.mkdir()
     torch.save(state, str(models / "model.pt"))
+
+
+def _readme(results: Path, plan: NNUNetPlan, info: DatasetInfo, meta_extra: dict) -> str:
+    """The imported bundle's ``docs/README.md``: where it came from and how to quantize and run it."""
+    name, nnunet = meta_extra["bundle_name"], meta_extra["nnunet"]
+    return (
+        f"# {name} — imported nnU-Net v2 model\n\n"
+        f"Imported by `medptq import_nnunet` (medptq-monai {__version__}) on {nnunet['imported_at']} from the results "
+        f"folder `{results.name}` (fold {meta_extra['fold']}, `{nnunet['checkpoint']}`, sha256 "
+        f"`{nnunet['checkpoint_sha256']}`): {info.num_classes} classes ({', '.join(info.labels)}), patch "
+        f"{'x'.join(map(str, plan.patch_size))}, spacing {plan.spacing} (nnU-Net axis order), configuration "
+        f"`{plan.configuration}`. `label_map` is `null`: labels for evaluation and training are read in this "
+        "dataset's own class indices.\n\n"
+        "## Use\n\n"
+        "Calibrate (writes `models/model.onnx` and `models/model_int8.onnx`), then segment with the INT8 engine "
+        "(`--engine`, `--precision fp32` for the FP32 ONNX):\n\n"
+        "```bash\n"
+        f"python -m monai.bundle run --config_file \"['{name}/configs/inference.json','{name}/configs/calibrate.json']\" "
+        f"--bundle_root {name} --dataset_dir CALIBRATION_CT_DIR\n"
+        f"python -m monai.bundle run --config_file {name}/configs/inference.json --bundle_root {name} "
+        "--dataset_dir CT_DIR --output_dir OUT\n"
+        "```\n\n"
+        "`configs/evaluate.json` (after `inference.json`) reports Dice against `dataset_dir/labels`; "
+        "`medptq sensitivity` lists the layers to keep in float (metadata `quantization.float_layers`).\n"
+    )
 
 
 def import_nnunet(
@@ -319,7 +310,6 @@ def import_nnunet(
     fold: int | str = 0,
     configuration: str | None = None,
     checkpoint: str = "checkpoint_final.pth",
-    template: str | os.PathLike = DEFAULT_TEMPLATE,
     overwrite: bool = False,
     allow_pickle: bool = False,
 ) -> dict:
@@ -330,12 +320,10 @@ def import_nnunet(
     the folder name's last part, else ``3d_fullres``. Everything is checked before anything is
     written; an existing non-empty ``bundle_dir`` is refused unless ``overwrite``. Returns a summary.
     """
-    results, dest, template = Path(results_dir), Path(bundle_dir), Path(template)
+    results, dest = Path(results_dir), Path(bundle_dir)
     if not results.is_dir():
         raise ModelFileError(f"nnU-Net results folder not found: {results}")
-    if not all((template / "configs" / name).is_file() for name in ("inference.json", "metadata.json")):
-        raise MedPTQError(f"template bundle not found (needs configs/inference.json and metadata.json): {template}")
-    _check_destination(dest, template, overwrite)
+    _check_destination(dest, overwrite)
     for name in ("plans.json", "dataset.json"):
         if not (results / name).is_file():
             raise ModelFileError(
@@ -401,8 +389,8 @@ def import_nnunet(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.importing-", dir=dest.parent))
     try:
-        _write_bundle(tmp, template, results, plan, info, state, extra)
-        _check_destination(dest, template, overwrite)  # again: it may have appeared meanwhile
+        _write_bundle(tmp, results, plan, info, state, extra)
+        _check_destination(dest, overwrite)  # again: it may have appeared meanwhile
         old = None
         if dest.exists():  # an empty folder, or overwrite: set it aside until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.replaced-", dir=dest.parent))

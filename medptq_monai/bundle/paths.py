@@ -1,38 +1,13 @@
-"""Locating a bundle's root folder and its data files."""
+"""Finding a bundle's data files."""
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
 from ..errors import InputImageError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def bundle_root(default: str = ".") -> str:
-    """Return the folder of the bundle whose config is being run.
-
-    ``python -m monai.bundle run --config_file bundles/x/configs/inference.json`` may be
-    started from any folder; MONAI knows the config folder (``ConfigWorkflow.config_root_path``)
-    but does not expose it to the config. This looks for the running workflow on the call
-    stack and returns the parent of its ``configs`` folder; outside a workflow (e.g. a plain
-    ``ConfigParser``) it returns ``default``. An explicit ``--bundle_root`` override wins anyway.
-    """
-    from monai.bundle import ConfigWorkflow
-
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, ConfigWorkflow):
-                root = Path(owner.config_root_path)
-                return str((root.parent if root.name == "configs" else root).resolve())
-            frame = frame.f_back
-    finally:
-        del frame
-    return default
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
