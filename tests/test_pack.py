@@ -22,7 +22,7 @@ import yaml
 
 from medptq_monai.bundle.pack import REQUIRED_MODELS, pack_bundle
 from medptq_monai.cli import main
-from medptq_monai.errors import ModelFileError
+from medptq_monai.errors import MedPTQError, ModelFileError
 
 from conftest import DATA
 
@@ -145,11 +145,51 @@ def test_pack_is_deterministic_and_cli_matches(packed, tmp_path, capsys):
 def test_missing_int8_model_is_a_clear_error(calibrated_bundle, tmp_path, capsys):
     bundle = tmp_path / NAME
     shutil.copytree(calibrated_bundle, bundle, ignore=shutil.ignore_patterns("model_int8.onnx", ".cache", "eval"))
-    with pytest.raises(ModelFileError, match=r"lacks models/model_int8\.onnx; calibrate first"):
+    with pytest.raises(ModelFileError, match=r"lacks models/model_int8\.onnx; quantize first"):
         pack_bundle(bundle, tmp_path / "out", "http://h/p")
     assert not (tmp_path / "out").exists(), "a failed pack must write nothing"
     assert main(["pack", str(bundle), "--base_url", "http://h/p", "--out_dir", str(tmp_path / "out")]) == 2
-    assert "calibrate first" in capsys.readouterr().err
+    assert "quantize first: medptq quantize" in capsys.readouterr().err
+
+
+def test_template_bundle_with_a_stale_shared_file_is_refused(calibrated_bundle, tmp_path):
+    bundle = Path(shutil.copytree(calibrated_bundle, tmp_path / NAME, ignore=shutil.ignore_patterns(".cache", "eval")))
+    conf = bundle / "configs" / "logging.conf"
+    conf.write_text(conf.read_text().replace("level=INFO", "level=DEBUG"))
+    with pytest.raises(MedPTQError, match=r"configs/logging\.conf differ from the bundle template"):
+        pack_bundle(bundle, tmp_path / "out", "http://h/p")
+    assert not (tmp_path / "out").exists(), "a refused pack must write nothing"
+
+
+def test_quantized_zoo_bundle_packs_with_its_overlay_and_scripts(tmp_path):
+    """Any quantized bundle packs, not only ours: a zoo-layout bundle whose network lives in its scripts/,
+    after `medptq quantize`, goes into the zip with its overlay and scripts (and no bytecode)."""
+    import torch
+
+    from medptq_monai.bundle.bundle_config import importable_scripts, read_bundle
+    from medptq_monai.bundle.quantize_bundle import quantize_bundle
+
+    name = "ct_scripts_net_105"
+    bundle = Path(shutil.copytree(Path(__file__).parent / "zoo_bundles" / name, tmp_path / name,
+                                  ignore=shutil.ignore_patterns("__pycache__")))
+    config = read_bundle(bundle)
+    with importable_scripts(config.root):
+        torch.manual_seed(0)
+        network = config.parsed("network_def", "test")
+    (bundle / "models").mkdir()
+    torch.save(network.state_dict(), bundle / "models" / "model.pt")
+    quantize_bundle(bundle, dataset_dir=str(SMALL_CT.parent), num_patches=2, heldout_patches=1, progress=False)
+    (bundle / "scripts" / "__pycache__").mkdir(exist_ok=True)
+    (bundle / "scripts" / "__pycache__" / "x.pyc").write_bytes(b"bytecode")
+    version = json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
+    info = pack_bundle(bundle, tmp_path / "out", "http://h/p")
+    with zipfile.ZipFile(info["zip"]) as zf:
+        names = {n.split("/", 1)[1] for n in zf.namelist()}
+    scripts = {p.relative_to(bundle).as_posix() for p in (bundle / "scripts").rglob("*.py")}
+    assert scripts and scripts <= names and not [n for n in names if n.endswith(".pyc")]
+    assert {"configs/inference.json", "configs/inference_int8.json", "configs/metadata.json"} <= names
+    assert info["name"] == name and info["version"] == version  # the folder name: the zoo's metadata name is prose
+    assert [e["path"] for e in info["large_files"]] == [f"models/{f}" for f in REQUIRED_MODELS]
 
 
 def test_monai_cli_downloads_installs_and_runs_packed_bundle(packed, tmp_path):
@@ -169,7 +209,7 @@ def test_monai_cli_downloads_installs_and_runs_packed_bundle(packed, tmp_path):
     data.mkdir()
     shutil.copy(SMALL_CT, data)
     proc = _monai("run", "--config_file", str(installed / "configs" / "inference.json"),
-                  "--dataset_dir", str(data), "--output_dir", str(out), cwd=tmp_path)
+                  "--bundle_root", str(installed), "--dataset_dir", str(data), "--output_dir", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     src, seg = nib.load(str(SMALL_CT)), nib.load(str(out / "abdomen_ct_small_seg.nii.gz"))
     assert seg.shape == src.shape

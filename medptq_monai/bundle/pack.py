@@ -1,8 +1,12 @@
-"""Pack a calibrated bundle as a MONAI-downloadable zip plus hash-pinned model files and an index.
+"""Pack a quantized bundle as a MONAI-downloadable zip plus hash-pinned model files and an index.
+
+Any quantized bundle: ours (calibrated), or any MONAI bundle after ``medptq quantize`` (its overlay
+``configs/inference_int8.json`` and the bundle's own ``scripts/`` package travel in the zip). A bundle
+made from the package's bundle template must match it (``medptq_monai.bundle.template.stale_files``).
 
 Layout written under ``out_dir`` (serve it as is at ``base_url``)::
 
-    <name>_v<version>.zip                  configs, docs, LICENSE, large_files.yml (no models)
+    <name>_v<version>.zip                  configs, docs, scripts, LICENSE, large_files.yml (no models)
     files/<name>/<version>/<model file>    fetched by ``python -m monai.bundle download_large_files``
     index.json                             {name: {version: {url, sha256, size}}}
 
@@ -30,8 +34,9 @@ import yaml
 
 from ..errors import MedPTQError, ModelFileError
 from ..fileio import atomic_path, sha256_file, write_text_atomic
+from .template import is_template_bundle, stale_files
 
-#: model files a calibrated bundle needs to run (inference.json, inference_fp32.json, the torch engine)
+#: model files a quantized bundle needs to run (INT8, FP32 ONNX, the torch reference)
 REQUIRED_MODELS = ("model.pt", "model.onnx", "model_int8.onnx")
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml", ".conf")
 SKIP_DIRS = {".cache", "eval", "__pycache__", "models"}
@@ -52,10 +57,11 @@ def _keep(rel: Path) -> bool:
 
 
 def _bundle_files(root: Path) -> list[Path]:
-    """configs/*.{json,yaml,yml,conf}, docs/**, LICENSE (relative paths, sorted)."""
+    """configs/*.{json,yaml,yml,conf}, docs/**, scripts/**, LICENSE (relative paths, sorted)."""
     files = [p for p in (root / "configs").glob("*") if p.is_file() and p.suffix in CONFIG_SUFFIXES]
-    if (root / "docs").is_dir():
-        files += [p for p in (root / "docs").rglob("*") if p.is_file()]
+    for folder in ("docs", "scripts"):
+        if (root / folder).is_dir():
+            files += [p for p in (root / folder).rglob("*") if p.is_file()]
     if (root / "LICENSE").is_file():
         files.append(root / "LICENSE")
     return sorted({p.relative_to(root) for p in files if _keep(p.relative_to(root))})
@@ -132,7 +138,7 @@ def pack_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, base_
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as err:
         raise MedPTQError(f"{meta_file} is not valid JSON: {err}") from err
-    name = str(meta.get("name") or root.name)
+    name = root.name  # the bundle's id, as in the zoo (metadata ``name`` is a display name there)
     meta_version = str(meta.get("version", ""))
     version = meta_version if version is None else str(version)
     if version != meta_version:
@@ -147,9 +153,14 @@ def pack_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, base_
     missing = [f for f in REQUIRED_MODELS if not (root / "models" / f).is_file()]
     if missing:
         raise ModelFileError(
-            f"{root} lacks models/{', models/'.join(missing)}; calibrate first: "
-            f"medptq calibrate {root} --dataset_dir <CT folder>"
+            f"{root} lacks models/{', models/'.join(missing)}; quantize first: "
+            f"medptq quantize {root} --dataset_dir <image folder>"
         )
+    if is_template_bundle(root):
+        stale = stale_files(root)
+        if stale:
+            raise MedPTQError(f"{root}: {', '.join(stale)} differ from the bundle template of this medptq-monai; "
+                              f"re-render them first: python -m medptq_monai.bundle.template {root}")
 
     out = Path(out_dir).resolve()
     rel_dir = f"files/{name}/{version}"

@@ -1,10 +1,12 @@
-"""A MONAI Label infer task that serves a bundle through its own engine (``network``: ``EngineNetwork``).
+"""A MONAI Label infer task that serves a quantized bundle through its own engine.
 
 MONAI Label's stock ``BundleInferTask`` builds ``network_def`` and loads ``models/model.pt``
 itself, so an INT8 bundle would silently run FP32. This task instead instantiates the bundle's
-``network`` component (the INT8 or FP32 engine) from ``inference.json`` with ``bundle_root`` set to
-the bundle folder, and runs the bundle's own ``preprocessing``, ``inferer`` and ``postprocessing``
-(minus its file writers; MONAI Label writes the result).
+``network`` component (the INT8 or FP32 engine) with ``bundle_root`` set to the bundle folder, and
+runs the bundle's own ``preprocessing``, ``inferer`` and ``postprocessing`` (minus its file writers;
+MONAI Label writes the result). Any quantized bundle is served: one whose ``configs/inference.json``
+defines the engine network (ours), or any MONAI bundle with the overlay ``configs/inference_int8.json``
+written by ``medptq quantize`` (merged after ``inference.json``).
 """
 
 from __future__ import annotations
@@ -26,13 +28,12 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import name_to_device
 
+from ..bundle.overlay import OVERLAY_NAME
 from ..bundle.runner import bundle_parser
 from ..engines import check_engine_name, check_precision
 
 logger = logging.getLogger(__name__)
 
-#: ``bundles/`` of the source checkout this package lives in (the app's default ``bundles_dir``).
-DEFAULT_BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
 _HIDDEN = "medptq_hidden_keys"
 
 
@@ -67,6 +68,11 @@ class RestoreKeysd:
         return d
 
 
+def bundle_configs(bundle: Path) -> tuple[str, ...]:
+    """The configs that run ``bundle`` INT8: ``inference.json``, then ``medptq quantize``'s overlay if present."""
+    return ("inference.json", OVERLAY_NAME) if (bundle / "configs" / OVERLAY_NAME).is_file() else ("inference.json",)
+
+
 def _map_keys(transforms: Sequence[Callable]) -> list[str]:
     keys: list[str] = []
     for t in transforms:
@@ -89,11 +95,13 @@ class EngineInferTask(BasicInferTask):
         precision: str = "int8",
         engine: str = "auto",
         device: str | None = None,
-        config_files: Sequence[str] = ("inference.json",),
+        config_files: Sequence[str] | None = None,
     ) -> None:
         self.bundle = Path(bundle).resolve()
         self.overrides: dict[str, Any] = {"engine": check_engine_name(engine), "precision": check_precision(precision)}
-        self.config_files = tuple(config_files)
+        self.config_files = tuple(config_files) if config_files is not None else bundle_configs(self.bundle)
+        # the overlay names the model file engine_model_file; our bundles' inference.json names it model_file
+        self._model_file_id = "engine_model_file" if OVERLAY_NAME in self.config_files else "model_file"
         if str(self.bundle) not in sys.path:  # bundles with a ``scripts`` package, like ``monai.bundle run``
             sys.path.insert(0, str(self.bundle))
         self.parser = self._parser()
@@ -108,14 +116,14 @@ class EngineInferTask(BasicInferTask):
         self._post = [t for t in post.transforms if not type(t).__name__.startswith("Save")]
         self._hidden_keys = _map_keys(self._pre + self._post)
         super().__init__(
-            path=str(self.parser.get_parsed_content("model_file")),
+            path=str(self.parser.get_parsed_content(self._model_file_id)),
             network=None,
             type=InferType.SEGMENTATION,
             labels=labels,
             dimension=3,
             description=f"{meta.get('name', self.bundle.name)} {meta.get('version', '')}",
             config={"result_dtype": "uint8"},
-            roi_size=self.parser.get_parsed_content("roi_size"),
+            roi_size=self.parser.get_parsed_content("inferer#roi_size"),
         )
         self.engine_info: dict[str, str] = {}
         if self.is_valid():
