@@ -30,7 +30,7 @@ from .engines import create_engine, engine_names, engine_spec
 from .engines.base import Engine
 from .engines.tensorrt_engine import tensorrt_available
 from .errors import CalibrationError, InputImageError, ModelFileError, UnknownNameError
-from .fileio import atomic_path, write_text_atomic
+from .fileio import atomic_path, relative_paths, write_text_atomic
 from .machine import PeakRSS, machine_info, machine_line
 from .metrics import dice_per_class, mean_dice, sqnr_db
 
@@ -358,12 +358,14 @@ def write_reports(
     plot: Callable[[dict[str, Any], Path], None] = plot_report,
 ) -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.md`` (``render``) and ``<stem>.png`` (``plot``) to ``out_dir`` atomically
-    (their paths are recorded in ``report["files"]`` first). The all-bundles suite passes its own renderers."""
+    (their paths are recorded in ``report["files"]`` first); paths in them are relative to the working folder.
+    The all-bundles suite passes its own renderers."""
     out = Path(out_dir).resolve()
     paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "md", "png")}
     report["files"] = {ext: str(path) for ext, path in paths.items()}
-    write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
-    write_text_atomic(paths["md"], render(report))
+    shown = relative_paths(report)  # paths relative to the working folder (the repository), never absolute
+    write_text_atomic(paths["json"], json.dumps(shown, indent=2) + "\n")
+    write_text_atomic(paths["md"], render(shown))
     plot(report, paths["png"])
     return paths
 

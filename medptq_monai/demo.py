@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import MedPTQError
 from .fidelity import check_fidelity
-from .fileio import write_text_atomic
+from .fileio import relative_paths, write_text_atomic
 from .machine import machine_info
 
 
@@ -63,13 +63,13 @@ def run_demo(
     if not checkpoint.is_file():
         raise MedPTQError(f"demo checkpoint missing: {checkpoint} (it ships with the repository)")
     result = check_fidelity(bundle_path, data_dir, out / "demo_out", engine, log=lambda m: print(m, flush=True))
-    report = {
+    report = relative_paths({
         "model": f"{bundle_path.name}: MONAI UNet 16-32-64-128-256 (demo weights)",
         **{k: v for k, v in result.items() if k not in ("bundle", "overlays", "excluded_nodes")},
         "machine": machine_info(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    })
     os.makedirs(out, exist_ok=True)
     write_text_atomic(out / "demo.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "demo.md", _markdown(report))

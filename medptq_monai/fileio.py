@@ -1,4 +1,4 @@
-"""Atomic file output, hashing and checked JSON reading."""
+"""Atomic file output, hashing, checked JSON reading and report paths relative to the working folder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 from .errors import ModelFileError
@@ -62,3 +63,17 @@ def read_json(path: str | os.PathLike, what: str) -> object:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelFileError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+def relative_paths(value: Any, root: str | os.PathLike | None = None) -> Any:
+    """``value`` (JSON-like) with the absolute ``root`` folder (default: the current folder, the repository for
+    the report commands) cut from every string, so reports name files relative to it, never by absolute path.
+    Other strings, such as ONNX node names (``/head/Conv``), are left as they are."""
+    base = str(Path(root if root is not None else Path.cwd()).resolve())
+    if isinstance(value, str):
+        return "." if value == base else value.replace(base + os.sep, "")
+    if isinstance(value, dict):
+        return {k: relative_paths(v, base) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(v, base) for v in value]
+    return value

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from medptq_monai.fidelity import check_fidelity
-from medptq_monai.fileio import write_text_atomic
+from medptq_monai.fileio import relative_paths, write_text_atomic
 from medptq_monai.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def main() -> int:
     if old.is_file():  # a partial run (--only) replaces its bundles' rows and keeps the others
         rows = sorted([r for r in json.loads(old.read_text())["rows"] if r["bundle"] not in names] + rows,
                       key=lambda r: r["bundle"])
-    report = {"machine": machine_info(), "rows": rows}
+    report = relative_paths({"machine": machine_info(), "rows": rows})  # paths relative to the working folder
     lines = ["# INT8 fidelity of the small demo models on the real CT", "",
              "Calibrated on another patient's CT; whole-volume sliding window on the abdominal CT "
              "(tests/data/totalseg_ct/images), labels remapped to the 13 organs; Dice over organs present.", "",

@@ -22,7 +22,7 @@ import numpy as np
 from medptq_monai.bundle.runner import bundle_parser, run_inference
 from medptq_monai.bundle.transforms import load_remapped_label
 from medptq_monai.calibrate.calibrators import CALIBRATORS
-from medptq_monai.fileio import write_text_atomic
+from medptq_monai.fileio import relative_paths, write_text_atomic
 from medptq_monai.machine import machine_info
 from medptq_monai.metrics import dice_per_class, mean_dice
 
@@ -68,11 +68,11 @@ def main() -> None:
                 "dice_fp32": float(np.mean([mean_dice(dice_per_class(fp32[c], labels[c], k)) for c in fp32])),
             })
             print(rows[-1], flush=True)
-    report = {"rows": rows, "machine": machine_info(), "bundle": args.bundle, "data": str(data),
-              "calibration_data": str(calib_dir), "exclude": exclude, "command": " ".join(sys.argv)}
+    report = relative_paths({"rows": rows, "machine": machine_info(), "bundle": args.bundle, "data": str(data),
+                             "calibration_data": str(calib_dir), "exclude": exclude, "command": " ".join(sys.argv)})
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "calibrators.json", json.dumps(report, indent=2) + "\n")
-    md = [f"Float layers: {exclude or 'none'}; calibration data: {calib_dir.name}/; command: `{' '.join(sys.argv)}`", "",
+    md = [f"Float layers: {exclude or 'none'}; calibration data: {calib_dir.name}/; command: `{report['command']}`", "",
           "| calibrator | Dice INT8 vs FP32 | Dice INT8 vs labels | Dice FP32 vs labels |", "|---|---:|---:|---:|"]
     md += [f"| {r['calibrator']} | {r['dice_int8_vs_fp32']:.4f} | {r['dice_int8']:.4f} | {r['dice_fp32']:.4f} |"
            for r in rows]
