@@ -72,12 +72,14 @@ class Commands:
         CALIBRATOR defaults to the bundle's (metadata quantization.calibrator); OVERLAYS: e.g. small.json."""
         from .bundle.runner import bundle_parser
         from .calibrate.patches import PatchPlan, sample_patches
+        from .calibrate.calibrators import DEFAULT_CALIBRATOR
         from .calibrate.quantize import QuantizeOptions
         from .calibrate.sensitivity import layer_sensitivity
 
         configs = ["inference.json", *[o for o in str(overlays).split(",") if o]]
         parser = bundle_parser(bundle, configs, dataset_dir=dataset_dir)
-        calibrator = calibrator or parser.get_parsed_content("_meta_").get("quantization", {}).get("calibrator", "max")
+        quantization = parser.get_parsed_content("_meta_").get("quantization", {})
+        calibrator = calibrator or quantization.get("calibrator", DEFAULT_CALIBRATOR)
         dataset = parser.get_parsed_content("dataset")
         plan = PatchPlan(roi_size=tuple(parser.get_parsed_content("roi_size")), num_patches=num_patches, seed=seed)
         patches = list(sample_patches((item["image"] for item in dataset), plan, num_volumes=len(dataset)))
@@ -158,12 +160,19 @@ class Commands:
                              overwrite=overwrite, allow_pickle=allow_pickle)
 
     def info(self) -> dict:
-        """Installed engines and versions."""
-        from .machine import machine_info
+        """Machine, INT8 ISA per CPU engine, registered engines (installed or not), calibrators, versions."""
+        from .calibrate.calibrators import CALIBRATORS, DEFAULT_CALIBRATOR
+        from .engines import engine_names, engine_spec, first_cpu_engine
         from .engines.tensorrt_engine import tensorrt_available
+        from .machine import machine_info
 
         usable, reason = tensorrt_available()
-        return {**machine_info(), "tensorrt_usable": usable, "tensorrt_reason": reason}
+        engines = {name: {"label": engine_spec(name).label, "devices": list(engine_spec(name).devices),
+                          "precisions": list(engine_spec(name).precisions), "installed": engine_spec(name).installed()}
+                   for name in engine_names(include_auto=False)}
+        return {**machine_info(), "engines": engines, "auto_cpu_engine": first_cpu_engine(),
+                "calibrators": list(CALIBRATORS), "default_calibrator": DEFAULT_CALIBRATOR,
+                "tensorrt_usable": usable, "tensorrt_reason": reason}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +17,7 @@ from monai.networks.nets import UNet
 
 from medptq_monai.calibrate.patches import PatchPlan, sample_patches
 from medptq_monai.calibrate.quantize import QuantizeOptions, quantize_onnx
+from medptq_monai.engines.cpu_isa import accumulates_in_32_bits, engine_isa
 from medptq_monai.engines.tensorrt_engine import tensorrt_available
 from medptq_monai.export.torch_export import export_fp32
 
@@ -27,6 +32,28 @@ TENSORRT_USABLE, TENSORRT_REASON = tensorrt_available()
 needs_no_tensorrt = pytest.mark.skipif(
     TENSORRT_USABLE, reason="TensorRT is usable here: this checks the behaviour without it"
 )
+
+
+# On a CPU that sums INT8 products in 32 bits (VNNI/AMX), OpenVINO's AVX2 path (16-bit pair sums, 7-bit
+# weights) is shown by ONEDNN_MAX_CPU_ISA=AVX2 in a subprocess; on a CPU without, the host path already is it.
+OPENVINO_ISA = engine_isa("openvino")
+needs_avx2_simulation = pytest.mark.skipif(
+    not accumulates_in_32_bits(OPENVINO_ISA),
+    reason=f"OpenVINO's INT8 path here is already {OPENVINO_ISA} (16-bit sums): the host-ISA tests cover it",
+)
+
+
+def int8_run_on_avx2(configs: list[Path], dataset_dir: Path, output_dir: Path, *args: str) -> str:
+    """``python -m monai.bundle run`` of ``configs`` with OpenVINO INT8 capped to AVX2; returns its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps([str(c) for c in configs]),
+         "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), "--engine", "openvino",
+         "--precision", "int8", *args],
+        cwd=output_dir.parent, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def auto_engine(cpu_engine: str = "openvino") -> str:

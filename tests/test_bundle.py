@@ -23,7 +23,7 @@ from medptq_monai.errors import (
 from medptq_monai.export.onnx_model import io_spec, metadata
 from medptq_monai.export.trt_check import check_qdq_for_tensorrt
 
-from conftest import DATA, auto_engine, copy_bundle, needs_no_tensorrt
+from conftest import DATA, auto_engine, copy_bundle, int8_run_on_avx2, needs_avx2_simulation, needs_no_tensorrt
 
 SMALL_CT = DATA / "images_small" / "abdomen_ct_small.nii.gz"
 
@@ -94,30 +94,52 @@ def test_monai_bundle_run_segments_any_grid_with_input_geometry(calibrated_bundl
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
-def test_int8_matches_fp32_on_real_ct(tmp_path):
-    """The acceptance numbers: the shipped demo model calibrated as the demo does (another patient,
-    the bundle's calibrator, patch count and float layers), whole abdominal CT, source grid."""
+@pytest.fixture(scope="module")
+def demo_fp32(tmp_path_factory):
+    """The acceptance setting: the shipped demo model calibrated as the demo does (another patient, the
+    bundle's calibrator, patch count and float layers), its FP32 segmentation of the whole abdominal CT
+    and the reference labels, on the source grid."""
     from medptq_monai.bundle.runner import bundle_parser
     from medptq_monai.bundle.transforms import load_remapped_label
-    from medptq_monai.metrics import dice_per_class, mean_dice
 
-    bundle = copy_bundle(tmp_path / "unet_int8")
+    work = tmp_path_factory.mktemp("demo")
+    bundle = copy_bundle(work / "unet_int8")
     _calibrate(bundle, DATA / "calibration")
-    images = DATA / "images"
-    fp32 = run_inference(bundle, dataset_dir=str(images), output_dir=str(tmp_path / "f"), engine="torch",
+    fp32 = run_inference(bundle, dataset_dir=str(DATA / "images"), output_dir=str(work / "f"), engine="torch",
                          precision="fp32")
-    int8 = run_inference(bundle, dataset_dir=str(images), output_dir=str(tmp_path / "i"), engine="auto",
-                         precision="int8", sw_batch_size=3)
-    assert fp32["engine"]["engine"] == "torch" and int8["engine"]["engine"] == auto_engine()
-    a = np.asarray(nib.load(str(tmp_path / "f" / "abdomen_ct_seg.nii.gz")).dataobj)
-    b = np.asarray(nib.load(str(tmp_path / "i" / "abdomen_ct_seg.nii.gz")).dataobj)
+    assert fp32["engine"]["engine"] == "torch"
     label_map = bundle_parser(bundle, ["inference.json"]).get_parsed_content("label_map")
     ref = load_remapped_label(DATA / "labels" / "abdomen_ct.nii.gz", label_map)
-    agreement = mean_dice(dice_per_class(b, a, 14))
-    dice_fp32, dice_int8 = mean_dice(dice_per_class(a, ref, 14)), mean_dice(dice_per_class(b, ref, 14))
+    return bundle, np.asarray(nib.load(str(work / "f" / "abdomen_ct_seg.nii.gz")).dataobj), ref
+
+
+def _check_demo_fidelity(fp32_seg, int8_seg, ref) -> None:
+    from medptq_monai.metrics import dice_per_class, mean_dice
+
+    agreement = mean_dice(dice_per_class(int8_seg, fp32_seg, 14))
+    dice_fp32, dice_int8 = mean_dice(dice_per_class(fp32_seg, ref, 14)), mean_dice(dice_per_class(int8_seg, ref, 14))
     assert dice_fp32 > 0.6, "the demo model should segment the organs"
     assert agreement >= 0.99, f"INT8 vs FP32 Dice {agreement:.4f}"
     assert abs(dice_fp32 - dice_int8) <= 0.005, (dice_fp32, dice_int8)
+
+
+def test_int8_matches_fp32_on_real_ct(demo_fp32, tmp_path):
+    """The acceptance numbers on this host's own INT8 path."""
+    bundle, fp32_seg, ref = demo_fp32
+    int8 = run_inference(bundle, dataset_dir=str(DATA / "images"), output_dir=str(tmp_path / "i"), engine="auto",
+                         precision="int8", sw_batch_size=3)
+    assert int8["engine"]["engine"] == auto_engine()
+    _check_demo_fidelity(fp32_seg, np.asarray(nib.load(str(tmp_path / "i" / "abdomen_ct_seg.nii.gz")).dataobj), ref)
+
+
+@needs_avx2_simulation
+def test_int8_matches_fp32_on_the_avx2_path(demo_fp32, tmp_path):
+    """The same acceptance numbers on OpenVINO's AVX2 path (16-bit pair sums), through MONAI's CLI."""
+    bundle, fp32_seg, ref = demo_fp32
+    log = int8_run_on_avx2([bundle / "configs" / "inference.json"], DATA / "images", tmp_path / "i",
+                           "--sw_batch_size", "3", "--bundle_root", str(bundle))
+    assert "'isa': 'avx2'" in log and "'int8_model': 'saturation-safe (avx2)" in log, log[-2000:]
+    _check_demo_fidelity(fp32_seg, np.asarray(nib.load(str(tmp_path / "i" / "abdomen_ct_seg.nii.gz")).dataobj), ref)
 
 
 def test_evaluate_config_reports_dice(calibrated_bundle):

@@ -51,7 +51,23 @@ def test_bench_rejects_unknown_engine_and_bundle():
     assert proc.returncode == 2 and "unknown bundle(s) ['nosuch_int8']" in proc.stderr
 
 
-def test_info_reports_engines():
-    proc = _medptq("info")
-    assert proc.returncode == 0
-    assert "tensorrt_usable" in proc.stdout and "openvino" in proc.stdout
+def test_info_reports_engines_isa_and_calibrators():
+    import json
+    import os
+
+    from medptq_monai.engines.cpu_isa import host_isa
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run([sys.executable, "-m", "medptq_monai.cli", "info"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0 and "int8_isa:" in proc.stdout and "engines:" in proc.stdout, proc.stderr
+    code = "import json; from medptq_monai.cli import Commands; print(json.dumps(Commands().info()))"
+    info = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                                     env=env, check=True).stdout)
+    assert info["int8_isa"]["host"] == host_isa() and info["int8_isa"]["onednn_max_cpu_isa"] == "AVX2"
+    assert info["int8_isa"]["engines"]["openvino"] == {"isa": "avx2", "label": "AVX2 without VNNI (16-bit pair sums, "
+                                                       "saturating)", "int8_model": "saturation-safe copy"}
+    assert set(info["engines"]) == {"torch", "onnxruntime", "openvino", "tensorrt"}
+    assert info["engines"]["openvino"]["installed"] and info["auto_cpu_engine"] == "openvino"
+    assert info["default_calibrator"] == "mse" and set(info["calibrators"]) == {"max", "entropy", "percentile", "mse"}
+    assert "tensorrt_usable" in info and f"INT8 ISA {host_isa()}" in info["summary"]

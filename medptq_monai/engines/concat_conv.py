@@ -17,6 +17,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
+from ..export.onnx_model import drop_unused
+
 
 def _channels(model: onnx.ModelProto) -> dict[str, int]:
     """Static channel count (axis 1) of every tensor whose shape inference knows it."""
@@ -85,21 +87,5 @@ def split_concat_convolutions(model: onnx.ModelProto) -> int:
             graph.node.insert(index + offset, node)
         split += 1
     if split:
-        _drop_dead(model)
+        drop_unused(model)
     return split
-
-
-def _drop_dead(model: onnx.ModelProto) -> None:
-    """Remove nodes whose outputs nobody reads and initializers no node reads."""
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if not set(n.output) & used]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)

@@ -4,9 +4,9 @@ INT8 convolutions on x86 multiply u8 activations by s8 weights. With VNNI (AVX-5
 AVX-VNNI) or AMX each product is accumulated in 32 bits. Without them (AVX2 or AVX-512 without
 VNNI, older SSE) the kernels use ``vpmaddubsw``, which adds each *pair* of u8·s8 products into a
 signed 16-bit lane and saturates when ``|a1*w1 + a2*w2| > 32767`` (255·127·2 = 64770 can occur).
-This is why ONNX Runtime has ``reduce_range`` and NNCF an overflow fix. Weights with ``|q| <= 63``
-keep every pair within 2·255·63 = 32130, so on such CPUs the CPU engines load 7-bit weights
-(``int8_weights.requantize_weights_7bit``); the file on disk stays the 8-bit file TensorRT reads.
+This is why ONNX Runtime has ``reduce_range`` and NNCF an overflow fix. On such CPUs the CPU engines
+load a saturation-safe copy of the model (``saturation``: u8 ReLU outputs, 7-bit weights where the
+input is signed); the file on disk stays the 8-bit file TensorRT reads.
 
 OpenVINO's oneDNN honours ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2`` shows the AVX2 path on a VNNI
 host); ONNX Runtime's MLAS dispatches on the CPU's own flags and has no such cap.
@@ -121,19 +121,19 @@ def isa_report(flags: Iterable[str] | None = None, env: Mapping[str, str] | None
     engines = {}
     for engine in ("openvino", "onnxruntime"):
         isa = engine_isa(engine, flags, env)
-        engines[engine] = {"isa": isa, "label": ISA_LABELS[isa], "int8_weights": weight_bits_label(isa)}
+        engines[engine] = {"isa": isa, "label": ISA_LABELS[isa], "int8_model": int8_model_label(isa)}
     cap = (os.environ if env is None else env).get("ONEDNN_MAX_CPU_ISA")
     return {"host": host, "label": ISA_LABELS[host], "onednn_max_cpu_isa": cap, "engines": engines}
 
 
-def weight_bits_label(isa: str) -> str:
-    """What the CPU engines load on ``isa``: the file's 8-bit weights or saturation-safe 7-bit ones."""
-    return "8-bit" if accumulates_in_32_bits(isa) else "7-bit (saturation-safe)"
+def int8_model_label(isa: str) -> str:
+    """What the CPU engines run on ``isa``: the INT8 file as written, or its saturation-safe copy."""
+    return "as written" if accumulates_in_32_bits(isa) else "saturation-safe copy"
 
 
 def isa_line(report: Mapping[str, object] | None = None) -> str:
-    """One line for reports, e.g. ``INT8 ISA: host amx; openvino amx (8-bit weights), ...``."""
+    """One line for reports, e.g. ``INT8 ISA: host amx; openvino amx (model as written), ...``."""
     r = isa_report() if report is None else report
-    parts = [f"{name} {e['isa']} ({e['int8_weights']} weights)" for name, e in r["engines"].items()]  # type: ignore[union-attr]
+    parts = [f"{name} {e['isa']} (model {e['int8_model']})" for name, e in r["engines"].items()]  # type: ignore[union-attr]
     cap = f", ONEDNN_MAX_CPU_ISA={r['onednn_max_cpu_isa']}" if r.get("onednn_max_cpu_isa") else ""
     return f"INT8 ISA: host {r['host']}{cap}; " + ", ".join(parts)

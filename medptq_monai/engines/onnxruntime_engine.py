@@ -10,8 +10,12 @@ import torch
 
 from ..errors import ModelFileError
 from .base import Engine
-from .cpu_isa import accumulates_in_32_bits, engine_isa, weight_bits_label
-from .int8_weights import requantize_weights_7bit
+from .cpu_isa import accumulates_in_32_bits, engine_isa
+from .saturation import SaturationFix, describe_fix, make_saturation_safe
+
+# Ops ONNX Runtime's CPU provider runs with integer kernels in our QDQ files: DQ→MatMul fuses into
+# MatMulIntegerToFloat; a QDQ Conv without an output Q runs in float (FusedConv), so it cannot saturate.
+INTEGER_OPS = ("MatMul", "Gemm")
 
 
 class OnnxRuntimeEngine(Engine):
@@ -19,8 +23,8 @@ class OnnxRuntimeEngine(Engine):
 
     On CPU, QDQ Conv is fused into integer QLinearConv only where the Q/DQ pattern allows it;
     other quantized ops run in float between Q/DQ. Measure before assuming a speedup. On a CPU
-    without 32-bit INT8 accumulation (``cpu_isa``: MLAS follows the CPU's own flags) a QDQ model's
-    weights are requantized to 7 bits at load time so no 16-bit pair sum saturates.
+    without 32-bit INT8 accumulation (``cpu_isa``: MLAS follows the CPU's own flags) the ops it runs
+    with integer kernels (``INTEGER_OPS``) are made saturation-safe at load time (``saturation``).
     """
 
     name = "onnxruntime"
@@ -41,12 +45,12 @@ class OnnxRuntimeEngine(Engine):
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
         self.isa = engine_isa(self.name)
-        self.weights_7bit = 0
+        self.saturation = SaturationFix(0, 0)
         try:
             source: str | bytes = str(self.model_path)
             if precision == "int8" and self.device.type == "cpu" and not accumulates_in_32_bits(self.isa):
                 proto = onnx.load(str(self.model_path))
-                self.weights_7bit = requantize_weights_7bit(proto)
+                self.saturation = make_saturation_safe(proto, INTEGER_OPS)
                 source = proto.SerializeToString()
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as err:
@@ -62,5 +66,5 @@ class OnnxRuntimeEngine(Engine):
         info = {**super().describe(), "providers": ",".join(self.providers), "onnxruntime": ort.__version__,
                 "isa": self.isa}
         if self.precision == "int8":
-            info["int8_weights"] = weight_bits_label(self.isa)
+            info["int8_model"] = describe_fix(self.isa, self.saturation)
         return info

@@ -15,8 +15,8 @@ import torch
 from ..errors import EngineUnavailableError, ModelFileError
 from .base import Engine
 from .concat_conv import split_concat_convolutions
-from .cpu_isa import accumulates_in_32_bits, engine_isa, weight_bits_label
-from .int8_weights import requantize_weights_7bit
+from .cpu_isa import accumulates_in_32_bits, engine_isa, int8_model_label
+from .saturation import SaturationFix, describe_fix, make_saturation_safe
 
 
 class OpenVinoEngine(Engine):
@@ -25,9 +25,9 @@ class OpenVinoEngine(Engine):
     ``INFERENCE_PRECISION_HINT`` is pinned to f32 so the float parts are not silently run in
     bf16 on CPUs that support it (FP32 numbers must be FP32). One compiled model per batch
     size (static shapes are faster than a dynamic batch on CPU). Before OpenVINO reads a QDQ model:
-    on an INT8 path without 32-bit accumulation (``cpu_isa``; ``ONEDNN_MAX_CPU_ISA`` counts) the
-    weights are requantized to 7 bits so no 16-bit pair sum saturates, and convolutions that read a
-    Concat are split per Concat input (OpenVINO computes them wrongly on AVX2 and AVX-512 VNNI).
+    on an INT8 path without 32-bit accumulation (``cpu_isa``; ``ONEDNN_MAX_CPU_ISA`` counts) it is made
+    saturation-safe (``saturation``), and convolutions that read a Concat are split per Concat input
+    (OpenVINO computes them wrongly on its AVX2 and AVX-512 VNNI paths; AMX is right).
     """
 
     name = "openvino"
@@ -44,7 +44,7 @@ class OpenVinoEngine(Engine):
             raise EngineUnavailableError(f"the OpenVINO engine runs on CPU, not {self.device}")
         self.core = ov.Core()
         self.isa = engine_isa(self.name)
-        self.weights_7bit = 0
+        self.saturation = SaturationFix(0, 0)
         try:
             self.model, self.split_convolutions = self._read(self.model_path)
         except Exception as err:
@@ -55,15 +55,15 @@ class OpenVinoEngine(Engine):
         self._compiled: dict[int, ov.CompiledModel] = {}
 
     def _read(self, path: Path) -> tuple[ov.Model, int]:
-        """Read the ONNX file; a QDQ model gets saturation-safe weights where needed and its Concat-fed
-        convolutions split first."""
+        """Read the ONNX file; a QDQ model is made saturation-safe where needed and its Concat-fed
+        convolutions are split first."""
         proto = onnx.load(str(path))
         split = 0
         if any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
             if not accumulates_in_32_bits(self.isa):
-                self.weights_7bit = requantize_weights_7bit(proto)
+                self.saturation = make_saturation_safe(proto)
             split = split_concat_convolutions(proto)
-        if not (split or self.weights_7bit):
+        if not (split or self.saturation):
             return self.core.read_model(str(path)), 0
         with tempfile.TemporaryDirectory(prefix="medptq-ov-") as tmp:
             rewritten = Path(tmp) / path.name
@@ -100,5 +100,5 @@ class OpenVinoEngine(Engine):
         info = {**super().describe(), "openvino": ov.__version__, "isa": self.isa,
                 "split_concat_convolutions": str(self.split_convolutions)}
         if self.precision == "int8":
-            info["int8_weights"] = weight_bits_label(self.isa)
+            info["int8_model"] = describe_fix(self.isa, self.saturation)
         return info

@@ -112,3 +112,19 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, check: bool = Tru
     with atomic_path(path, suffix=".onnx") as tmp:
         onnx.save(model, str(tmp))
     return path
+
+
+def drop_unused(model: onnx.ModelProto) -> None:
+    """Remove, in place, nodes whose outputs nothing reads (graph outputs count) and unread initializers."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not set(n.output) & used]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
