@@ -120,7 +120,7 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
         "weights": weights, "onnx_fp32_bytes": fp32.stat().st_size, "onnx_int8_bytes": int8.stat().st_size,
         "calib_peak_bytes": calibration["calib_peak_bytes"], "calib_seconds": calibration["seconds"],
         "calib_patches": calib_patches, "float_layers": len(meta.get("quantization", {}).get("float_layers", [])),
-        "patch_seconds": {}, "patch_times_s": {}, "sqnr_db_by_engine": {}, "errors": {},
+        "patch_seconds": {}, "patch_times_s": {}, "sqnr_db_by_engine": {}, "errors": {}, "int8_isa": {},
     }
     calib_roi = metadata(load_onnx(int8, load_weights=False)).get("medptq.calibration_roi")
     row["calib_roi_size"] = [int(d) for d in calib_roi.split("x")] if calib_roi else roi
@@ -140,6 +140,8 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
                 )
                 times, out = time_calls(lambda e=engine: e(patch), warmup, repeats)
                 logits = _plain(out).float().cpu().numpy()
+                if spec.precision == "int8" and "isa" in engine.describe():  # the INT8 path it really took
+                    row["int8_isa"][spec.engine] = {k: engine.describe().get(k) for k in ("isa", "int8_model")}
         except Exception as err:  # one failing engine must not lose the other measurements
             logger.exception("bench %s: %s failed", bundle.name, spec.label)
             row["errors"][key] = f"{type(err).__name__}: {err}"
@@ -157,7 +159,19 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
     row["sqnr_db"] = row["sqnr_db_by_engine"].get("openvino_int8", row["sqnr_db_by_engine"].get("onnxruntime_int8"))
     row["speedup_openvino_int8_vs_torch"] = (ps["torch_fp32"] / ps["openvino_int8"]
                                              if {"torch_fp32", "openvino_int8"} <= set(ps) else None)
+    for engine in ("onnxruntime", "openvino"):  # INT8 vs the same runtime's FP32
+        fp, i8 = ps.get(f"{engine}_fp32"), ps.get(f"{engine}_int8")
+        row[f"speedup_{engine}_int8_vs_fp32"] = fp / i8 if fp and i8 else None
     return row
+
+
+def _isa_cell(row: dict[str, Any]) -> str:
+    """``avx2* / amx``: each CPU engine's INT8 path; ``*`` marks a saturation-safe copy of the model."""
+    cells = []
+    for engine in ("openvino", "onnxruntime"):
+        info = row.get("int8_isa", {}).get(engine)
+        cells.append("—" if not info else info["isa"] + ("*" if info.get("int8_model", "").startswith("sat") else ""))
+    return " / ".join(cells)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -171,14 +185,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"call(s), median. INT8 calibration: {s['calib_patches'] or 'bundle default'} patches of another patient's "
         "CT, in a subprocess whose peak RSS is reported. SQNR: INT8 logits (OpenVINO) vs torch FP32 on the same "
         "patch. Weights: random (seed 0) where no full-size weights ship.", "",
-        f"| bundle | params (M) | roi | ONNX FP32 MB | ONNX INT8 MB | size ratio | {head} | speedup OV INT8 "
-        "vs torch | SQNR dB | calib peak GiB | checker / TensorRT check |",
-        "|---|---:|---|---:|---:|---:|" + "---:|" * len(keys) + "---:|---:|---:|---|",
+        f"| bundle | params (M) | roi | ONNX FP32 MB | ONNX INT8 MB | size ratio | {head} | INT8 ISA (OV / ORT) "
+        "| OV INT8 vs torch | OV INT8 vs OV FP32 | ORT INT8 vs ORT FP32 | SQNR dB OV / ORT | calib peak GiB "
+        "| checker / TensorRT check |",
+        "|---|---:|---|---:|---:|---:|" + "---:|" * len(keys) + "---|---:|---:|---:|---:|---:|---|",
     ]
     notes = []
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['bundle']} (failed) |" + " — |" * (len(keys) + 9))
+            lines.append(f"| {r['bundle']} (failed) |" + " — |" * (len(keys) + 12))
             notes.append(f"- {r['bundle']}: {r['error']}")
             continue
         times = " | ".join(_fmt(r["patch_seconds"].get(k), ".0f", 1e3) for k in keys)
@@ -188,8 +203,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['bundle']} | {r['params'] / 1e6:.1f} | {'x'.join(map(str, r['roi_size']))} "
             f"| {r['onnx_fp32_bytes'] / 1e6:.1f} | {r['onnx_int8_bytes'] / 1e6:.1f} | {r['size_ratio']:.2f}x "
-            f"| {times} | {_fmt(r['speedup_openvino_int8_vs_torch'], '.2f', suffix='x')} "
-            f"| {_fmt(r['sqnr_db'], '.1f')} | {calib} "
+            f"| {times} | {_isa_cell(r)} | {_fmt(r['speedup_openvino_int8_vs_torch'], '.2f', suffix='x')} "
+            f"| {_fmt(r.get('speedup_openvino_int8_vs_fp32'), '.2f', suffix='x')} "
+            f"| {_fmt(r.get('speedup_onnxruntime_int8_vs_fp32'), '.2f', suffix='x')} "
+            f"| {_fmt(r['sqnr_db_by_engine'].get('openvino_int8'), '.1f')} / "
+            f"{_fmt(r['sqnr_db_by_engine'].get('onnxruntime_int8'), '.1f')} | {calib} "
             f"| {'ok' if r['onnx_checker'] == 'ok' else 'FAIL'} / "
             f"{'ok' if not r['tensorrt_check_issues'] else str(len(r['tensorrt_check_issues'])) + ' issue(s)'} |"
         )
@@ -198,6 +216,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         "", *notes, *([""] if notes else []),
         f"TensorRT: {'usable' if trt['usable'] else 'not measured — ' + trt['reason']}.", "",
+        "INT8 ISA: the INT8 path each CPU engine took; `*`: it ran the saturation-safe copy of the INT8 file "
+        "(u8 ReLU inputs, 7-bit weights where the input is signed) because that path sums INT8 products in 16 bits.",
+        "",
         f"{machine_line(m)} The run took {report['seconds'] / 60:.1f} min.", "",
         f"Command: `{' '.join(m['command'])}`", "",
     ]

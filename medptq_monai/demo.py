@@ -24,6 +24,7 @@ def _markdown(report: dict) -> str:
         ("calibration", f"{report['calibrator']}, {report['calibration_patches']} patches from "
          f"{Path(report['calibration_data']).name}/"),
         ("engine (INT8)", report["engine"]),
+        ("INT8 ISA, model", f"{report.get('int8_isa')}, {report.get('int8_model')}"),
         ("machine", report["machine"]["summary"]),
         ("ONNX FP32 / INT8 bytes", f"{report['onnx_fp32_bytes']:,} / {report['onnx_int8_bytes']:,} "
          f"({report['size_ratio']:.2f}x smaller)"),

@@ -79,6 +79,8 @@ def check_fidelity(
         "bundle": root.name,
         "overlays": list(overlays),
         "engine": f"{int8['engine']['engine']} ({int8['engine']['precision']}, {int8['engine']['device']})",
+        "int8_isa": int8["engine"].get("isa"),  # the INT8 path the engine took (cpu_isa), None for TensorRT
+        "int8_model": int8["engine"].get("int8_model"),
         "onnx_fp32_bytes": summary["fp32_bytes"],
         "onnx_int8_bytes": summary["int8_bytes"],
         "size_ratio": summary["fp32_bytes"] / summary["int8_bytes"],

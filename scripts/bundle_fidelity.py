@@ -18,7 +18,7 @@ from pathlib import Path
 
 from medptq_monai.fidelity import check_fidelity
 from medptq_monai.fileio import relative_paths, write_text_atomic
-from medptq_monai.machine import machine_info
+from medptq_monai.machine import machine_info, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,17 +53,20 @@ def main() -> int:
              "Calibrated on another patient's CT; whole-volume sliding window on the abdominal CT "
              "(tests/data/totalseg_ct/images), labels remapped to the 13 organs; Dice over organs present.", "",
              "| bundle | calibrator, patches | float nodes (incl. attention MatMuls) | ONNX FP32 / INT8 bytes | size ratio | Dice FP32 "
-             "| Dice INT8 | ΔDice | Dice INT8 vs FP32 | volume s torch FP32 / INT8 |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+             "| Dice INT8 | ΔDice | Dice INT8 vs FP32 | volume s torch FP32 / INT8 | INT8 engine, ISA |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['bundle']} | {r['calibrator']}, {r['calibration_patches']} | {len(r['excluded_nodes'])} "
             f"| {r['onnx_fp32_bytes']:,} / {r['onnx_int8_bytes']:,} | {r['size_ratio']:.2f}x | {r['dice_fp32']:.4f} "
             f"| {r['dice_int8']:.4f} | {r['dice_int8'] - r['dice_fp32']:+.4f} | {r['dice_int8_vs_fp32']:.4f} "
-            f"| {r['volume_seconds_torch_fp32']:.2f} / {r['volume_seconds_int8']:.2f} |")
+            f"| {r['volume_seconds_torch_fp32']:.2f} / {r['volume_seconds_int8']:.2f} "
+            f"| {r['engine'].split(' ')[0]}, {r.get('int8_isa')}{'*' if str(r.get('int8_model')).startswith('sat') else ''} |")
     m = report["machine"]
-    lines += ["", f"Machine: {m['summary']}; last run {m['date']}. Command: `python scripts/bundle_fidelity.py` "
-              "(`--only NAME` re-measures one bundle's row).", ""]
+    lines += ["", "`*`: the engine ran the saturation-safe copy of the INT8 file (an INT8 path that sums products in "
+              "16 bits, e.g. AVX2; shown on an AVX-512/AMX host with `ONEDNN_MAX_CPU_ISA=AVX2`).", "",
+              f"{machine_line(m)} Command: `python scripts/bundle_fidelity.py` "
+              "(`--only NAME` re-measures one bundle's row; `--out DIR` writes elsewhere).", ""]
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(old, json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "fidelity.md", "\n".join(lines))

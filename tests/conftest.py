@@ -43,11 +43,12 @@ needs_avx2_simulation = pytest.mark.skipif(
 )
 
 
-def int8_run_on_avx2(configs: list[Path], dataset_dir: Path, output_dir: Path, *args: str) -> str:
-    """``python -m monai.bundle run`` of ``configs`` with OpenVINO INT8 capped to AVX2; returns its output."""
+def int8_run_on_avx2(bundle: Path, configs: list[str], dataset_dir: Path, output_dir: Path, *args: str) -> str:
+    """``python -m monai.bundle run`` of the bundle's ``configs`` with OpenVINO INT8 capped to AVX2; returns its log."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    files = json.dumps([str(bundle / "configs" / c) for c in configs])
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps([str(c) for c in configs]),
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(bundle),
          "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), "--engine", "openvino",
          "--precision", "int8", *args],
         cwd=output_dir.parent, env=env, capture_output=True, text=True, timeout=900,

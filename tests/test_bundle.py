@@ -136,8 +136,7 @@ def test_int8_matches_fp32_on_real_ct(demo_fp32, tmp_path):
 def test_int8_matches_fp32_on_the_avx2_path(demo_fp32, tmp_path):
     """The same acceptance numbers on OpenVINO's AVX2 path (16-bit pair sums), through MONAI's CLI."""
     bundle, fp32_seg, ref = demo_fp32
-    log = int8_run_on_avx2([bundle / "configs" / "inference.json"], DATA / "images", tmp_path / "i",
-                           "--sw_batch_size", "3", "--bundle_root", str(bundle))
+    log = int8_run_on_avx2(bundle, ["inference.json"], DATA / "images", tmp_path / "i", "--sw_batch_size", "3")
     assert "'isa': 'avx2'" in log and "'int8_model': 'saturation-safe (avx2)" in log, log[-2000:]
     _check_demo_fidelity(fp32_seg, np.asarray(nib.load(str(tmp_path / "i" / "abdomen_ct_seg.nii.gz")).dataobj), ref)
 
