@@ -15,7 +15,7 @@ import torch
 from ..errors import EngineUnavailableError, ModelFileError
 from .base import Engine
 from .concat_conv import split_concat_convolutions
-from .cpu_isa import accumulates_in_32_bits, engine_isa, int8_model_label
+from .cpu_isa import accumulates_in_32_bits, engine_isa
 from .saturation import SaturationFix, describe_fix, make_saturation_safe
 
 
