@@ -1,5 +1,6 @@
-"""INT8 ISA detection and the saturation-safe (7-bit) weights the CPU engines load where products
-are summed in 16 bits; the AVX2 path is shown on a VNNI/AMX host with ONEDNN_MAX_CPU_ISA=AVX2."""
+"""INT8 ISA detection and the saturation-safe copy of an INT8 model (u8 ReLU inputs, 7-bit weights where
+the input is signed) that the CPU engines load where products are summed in 16 bits; the AVX2 path is
+shown on a VNNI/AMX host with ONEDNN_MAX_CPU_ISA=AVX2."""
 
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def _engine_weights(name: str, model, env: dict[str, str], precision: str = "int
 
 
 @pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
-def test_engines_load_7bit_weights_only_without_32_bit_accumulation(name, small_int8):
+def test_engines_load_the_saturation_safe_copy_only_without_32_bit_accumulation(name, small_int8):
     int32 = accumulates_in_32_bits(host_isa())
     plain = _engine_weights(name, small_int8, {"ONEDNN_MAX_CPU_ISA": "ALL"})
     assert plain["isa"] == host_isa()
