@@ -140,8 +140,9 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
                 )
                 times, out = time_calls(lambda e=engine: e(patch), warmup, repeats)
                 logits = _plain(out).float().cpu().numpy()
-                if spec.precision == "int8" and "isa" in engine.describe():  # the INT8 path it really took
-                    row["int8_isa"][spec.engine] = {k: engine.describe().get(k) for k in ("isa", "int8_model")}
+                info = engine.describe()
+                if spec.precision == "int8" and "isa" in info:  # the INT8 path it really took
+                    row["int8_isa"][spec.engine] = {k: info.get(k) for k in ("isa", "int8_model")}
         except Exception as err:  # one failing engine must not lose the other measurements
             logger.exception("bench %s: %s failed", bundle.name, spec.label)
             row["errors"][key] = f"{type(err).__name__}: {err}"

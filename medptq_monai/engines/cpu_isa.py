@@ -19,8 +19,7 @@ import platform
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-# INT8 paths, weakest first; the last three accumulate u8·s8 products in 32 bits.
-ISAS = ("sse", "avx2", "avx512", "avx_vnni", "avx512_vnni", "amx")
+# The INT8 paths are the keys of ISA_LABELS; these three accumulate u8·s8 products in 32 bits.
 INT32_ACCUMULATION = frozenset({"avx_vnni", "avx512_vnni", "amx"})
 ISA_LABELS = {
     "sse": "SSE4/AVX (16-bit pair sums, saturating)",
@@ -66,7 +65,7 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
 
 
 def classify(features: Iterable[str]) -> str:
-    """The INT8 path (one of ``ISAS``) a CPU with these features (``_FLAG_FEATURES`` values) takes."""
+    """The INT8 path (a key of ``ISA_LABELS``) an x86 CPU with these features (``_FLAG_FEATURES`` values) takes."""
     f = set(features)
     if "amx" in f and "avx512" in f:
         return "amx"
@@ -92,22 +91,26 @@ def onednn_cap(env: Mapping[str, str] | None = None) -> frozenset[str]:
     return _ALL  # ALL, DEFAULT and the AMX levels cap nothing this module distinguishes
 
 
+def _host_flags(flags: Iterable[str] | None) -> frozenset[str] | None:
+    """``flags``, else this CPU's (read once per call); None on 64-bit Arm."""
+    if flags is not None:
+        return frozenset(flags)
+    return None if platform.machine().lower() in ("aarch64", "arm64") else cpu_flags()
+
+
 def host_isa(flags: Iterable[str] | None = None) -> str:
     """The host CPU's own INT8 path (``arm64`` on 64-bit Arm, where int8 dot products accumulate in 32 bits)."""
-    if flags is None:
-        if platform.machine().lower() in ("aarch64", "arm64"):
-            return "arm64"
-        flags = cpu_flags()
-    return classify(_features(flags))
+    known = _host_flags(flags)
+    return "arm64" if known is None else classify(_features(known))
 
 
 def engine_isa(engine: str, flags: Iterable[str] | None = None, env: Mapping[str, str] | None = None) -> str:
     """The INT8 path ``engine`` takes here: OpenVINO's is the host's capped by ``ONEDNN_MAX_CPU_ISA``."""
-    host = host_isa(flags)
-    if engine != "openvino" or host == "arm64":
-        return host
-    flags = cpu_flags() if flags is None else flags
-    return classify(_features(flags) & onednn_cap(env))
+    known = _host_flags(flags)
+    if known is None:
+        return "arm64"
+    features = _features(known)
+    return classify(features & onednn_cap(env) if engine == "openvino" else features)
 
 
 def accumulates_in_32_bits(isa: str) -> bool:
@@ -116,7 +119,8 @@ def accumulates_in_32_bits(isa: str) -> bool:
 
 
 def isa_report(flags: Iterable[str] | None = None, env: Mapping[str, str] | None = None) -> dict[str, object]:
-    """Host ISA, each CPU engine's INT8 path and whether it loads saturation-safe 7-bit weights."""
+    """Host ISA, each CPU engine's INT8 path and whether it runs the INT8 file as written or its saturation-safe copy."""
+    flags = _host_flags(flags)
     host = host_isa(flags)
     engines = {}
     for engine in ("openvino", "onnxruntime"):

@@ -21,8 +21,7 @@ class EngineSpec:
     """A registered engine: where its class lives and what it runs.
 
     ``target`` is ``"module:Class"`` (module relative to this package); ``requires`` the import name
-    of its runtime; ``cpu_rank`` its order among CPU engines for ``auto`` (None: never picked on CPU);
-    ``reads`` is ``"onnx"`` (FP32 / QDQ files) or ``"checkpoint"`` (the torch FP32 reference).
+    of its runtime; ``cpu_rank`` its order among CPU engines for ``auto`` (None: never picked on CPU).
     """
 
     name: str
@@ -32,7 +31,6 @@ class EngineSpec:
     devices: tuple[str, ...]
     precisions: tuple[str, ...]
     cpu_rank: int | None = None
-    reads: str = "onnx"
 
     def installed(self) -> bool:
         """True when the runtime package can be imported (not imported here)."""
@@ -74,7 +72,7 @@ def cpu_engines() -> list[EngineSpec]:
 
 # OpenVINO first on CPU: it runs QDQ convolutions and deconvolutions as int8 kernels.
 register_engine(EngineSpec("torch", "MONAI torch FP32 eager", ".torch_engine:TorchEngine", "torch",
-                           ("cpu", "cuda"), ("fp32",), reads="checkpoint"))
+                           ("cpu", "cuda"), ("fp32",)))
 register_engine(EngineSpec("onnxruntime", "ONNX Runtime", ".onnxruntime_engine:OnnxRuntimeEngine", "onnxruntime",
                            ("cpu",), ("fp32", "int8"), cpu_rank=1))
 register_engine(EngineSpec("openvino", "OpenVINO", ".openvino_engine:OpenVinoEngine", "openvino",
