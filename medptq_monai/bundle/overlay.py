@@ -97,6 +97,13 @@ class SourceCheckedEngineNetwork(EngineNetwork):
         return torch.nn.modules.module._IncompatibleKeys([], [])
 
 
+def int8_configs(bundle_dir: str | os.PathLike) -> tuple[str, ...]:
+    """The config files (names under ``configs/``) that run a bundle INT8: ``inference.json``, then the overlay
+    written by ``medptq quantize`` when the bundle has one."""
+    overlay = os.path.join(os.fspath(bundle_dir), "configs", OVERLAY_NAME)
+    return ("inference.json", OVERLAY_NAME) if os.path.isfile(overlay) else ("inference.json",)
+
+
 def render_overlay(
     source_digest: str,
     roi_size: Sequence[int] | None,

@@ -13,11 +13,11 @@ APP_DIR = Path(__file__).resolve().with_name("app")
 
 
 def __getattr__(name: str) -> Any:  # monailabel is optional: import the task only when asked for
-    if name in ("EngineInferTask", "HideKeysd", "RestoreKeysd", "bundle_configs"):
+    if name in ("EngineInferTask", "HideKeysd", "RestoreKeysd"):
         from . import infer_task
 
         return getattr(infer_task, name)
     raise AttributeError(name)
 
 
-__all__ = ["APP_DIR", "EngineInferTask", "HideKeysd", "RestoreKeysd", "bundle_configs"]
+__all__ = ["APP_DIR", "EngineInferTask", "HideKeysd", "RestoreKeysd"]

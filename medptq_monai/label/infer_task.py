@@ -28,7 +28,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import name_to_device
 
-from ..bundle.overlay import OVERLAY_NAME
+from ..bundle.overlay import OVERLAY_NAME, int8_configs
 from ..bundle.runner import bundle_parser
 from ..engines import check_engine_name, check_precision
 
@@ -68,11 +68,6 @@ class RestoreKeysd:
         return d
 
 
-def bundle_configs(bundle: Path) -> tuple[str, ...]:
-    """The configs that run ``bundle`` INT8: ``inference.json``, then ``medptq quantize``'s overlay if present."""
-    return ("inference.json", OVERLAY_NAME) if (bundle / "configs" / OVERLAY_NAME).is_file() else ("inference.json",)
-
-
 def _map_keys(transforms: Sequence[Callable]) -> list[str]:
     keys: list[str] = []
     for t in transforms:
@@ -99,7 +94,7 @@ class EngineInferTask(BasicInferTask):
     ) -> None:
         self.bundle = Path(bundle).resolve()
         self.overrides: dict[str, Any] = {"engine": check_engine_name(engine), "precision": check_precision(precision)}
-        self.config_files = tuple(config_files) if config_files is not None else bundle_configs(self.bundle)
+        self.config_files = tuple(config_files) if config_files is not None else int8_configs(self.bundle)
         # the overlay names the model file engine_model_file; our bundles' inference.json names it model_file
         self._model_file_id = "engine_model_file" if OVERLAY_NAME in self.config_files else "model_file"
         if str(self.bundle) not in sys.path:  # bundles with a ``scripts`` package, like ``monai.bundle run``
