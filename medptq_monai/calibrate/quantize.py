@@ -265,8 +265,9 @@ def quantize_onnx(
         sha = source_sha256 or source_meta.get("medptq.source_sha256")
         if sha:
             meta["medptq.source_sha256"] = sha
-        if "medptq.source" in source_meta:
-            meta["medptq.source"] = source_meta["medptq.source"]
+        for key in ("medptq.source", "medptq.source_digest"):  # which checkpoint the FP32 model came from
+            if key in source_meta:
+                meta[key] = source_meta[key]
         set_metadata(int8, meta)
         assert_tensorrt_compatible(int8, name=str(out_path))
         save_onnx(int8, out_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -47,12 +47,13 @@ def export_fp32(
     roi_size: Sequence[int],
     opset: int = DEFAULT_OPSET,
     checkpoint: str | os.PathLike | None = None,
+    metadata: Mapping[str, object] | None = None,
 ) -> Path:
     """Export ``module`` (eval mode, CPU, FP32) to ONNX with input ``input`` [N, C, *roi] → ``output``.
 
     If ``checkpoint`` is given it is loaded into ``module`` first and its sha256 is recorded.
     The batch axis is dynamic; the spatial shape is the bundle's roi. ``metadata_props`` record
-    the package version. Written atomically.
+    the package version and any ``metadata`` given. Written atomically.
     """
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
@@ -78,6 +79,6 @@ def export_fp32(
         if checkpoint is not None:
             meta["medptq.source_sha256"] = sha256_file(checkpoint)
             meta["medptq.source"] = Path(checkpoint).name
-        set_metadata(model, meta)
+        set_metadata(model, {**meta, **(metadata or {})})
         save_onnx(model, tmp)
     return Path(path)
