@@ -115,6 +115,22 @@ class Commands:
         result.pop("per_organ_dice")
         return result
 
+    def infer(self, bundle: str, input: str, output_dir: str, engine: str = "auto", precision: str = "int8",
+              workers: int | None = None, threads: int | None = None, ray_address: str | None = None,
+              force: bool = False, data_list_key: str = "testing", max_attempts: int = 2,
+              progress: bool = True) -> None:
+        """Cohort inference: segment every case of INPUT (a folder of NIfTIs or DICOM series folders, or a decathlon
+        datalist JSON) with BUNDLE's engine into OUTPUT_DIR, resumable through OUTPUT_DIR/manifest.jsonl. WORKERS
+        processes here (default 1), or actors on the Ray cluster at RAY_ADDRESS (host:port, auto, local; needs
+        the [cluster] extra). FORCE redoes cases already done. Exits 1 when any case failed."""
+        from .cohort import run_cohort
+
+        summary = run_cohort(bundle, input, output_dir, engine=engine, precision=precision, workers=workers,
+                             threads=threads, ray_address=ray_address, force=force, data_list_key=data_list_key,
+                             max_attempts=max_attempts, progress=progress)
+        if summary["failed"]:
+            raise SystemExit(1)
+
     def bench(self, bundles_dir: str = "bundles", data_dir: str = "tests/data/totalseg_ct", out_dir: str = "reports",
               only: str | None = None, quick: bool = False, repeats: int = 3, warmup: int = 1,
               calib_patches: int = 8, threads: int | None = None) -> None:
