@@ -478,3 +478,83 @@ def test_float_weight_qdq_is_counted_not_flagged() -> None:
     # the float-weight Q→DQ chain still has its axis checked against the consumer
     bad = _tiny("MatMul", np.ones((3, 5), np.float32), np.full(3, 0.1, np.float32), axis=0)
     _assert_flagged(bad, "w_dq", "needs axis 1")
+
+
+# ---------------------------------------------------------------- [TYPED] strongly typed dtype rules (FP16 remainder)
+@pytest.fixture
+def fp16(qdq: onnx.ModelProto) -> onnx.ModelProto:
+    """The real quantized model with its FP16 remainder (export/fp16_remainder.py): the allowed case."""
+    from medptq_monai.export.fp16_remainder import convert_remainder_fp16
+
+    model, _ = convert_remainder_fp16(qdq)
+    del model.graph.value_info[:]  # the checker infers types itself
+    return model
+
+
+def test_fp16_remainder_is_allowed(fp16: onnx.ModelProto) -> None:
+    assert check_qdq_for_tensorrt(fp16) == []
+    assert qdq_summary(fp16)["quantized_ops"] == {"Conv": 3, "ConvTranspose": 1}
+
+
+def test_float32_bias_in_a_float16_graph_is_flagged(fp16: onnx.ModelProto) -> None:
+    conv = _node(fp16, "/c1/Conv")
+    _set_init(fp16, conv.input[2], _get_init(fp16, conv.input[2]).astype(np.float32))
+    _assert_flagged(fp16, "/c1/Conv", "mix dtypes", "Cast")
+    _set_init(fp16, conv.input[2], _get_init(fp16, conv.input[2]).astype(np.float16))  # allowed again
+    assert check_qdq_for_tensorrt(fp16) == []
+
+
+def test_float32_op_fed_by_float16_without_cast_is_flagged(fp16: onnx.ModelProto) -> None:
+    """A float32 constant into the float16 residual chain: TensorRT's strongly typed Add takes one dtype."""
+    norm = next(n for n in fp16.graph.node if n.op_type == "InstanceNormalization")
+    fp16.graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), "half_f32"))
+    add = helper.make_node("Add", [norm.output[0], "half_f32"], ["shifted"], name="shift/Add")
+    idx = list(fp16.graph.node).index(norm)
+    fp16.graph.node.insert(idx + 1, add)
+    for n in fp16.graph.node[idx + 2:]:
+        for i, name in enumerate(n.input):
+            if name == norm.output[0]:
+                n.input[i] = "shifted"
+    _assert_flagged(fp16, "shift/Add", "mix dtypes")
+    cast = helper.make_node("Cast", ["half_f32"], ["half_f16"], to=TensorProto.FLOAT16, name="half/Cast")
+    fp16.graph.node.insert(idx + 1, cast)
+    add.input[1] = "half_f16"
+    _node(fp16, "shift/Add").input[1] = "half_f16"
+    assert check_qdq_for_tensorrt(fp16) == []  # with the Cast
+
+
+def test_quantize_scale_dtype_must_match_its_input(fp16: onnx.ModelProto) -> None:
+    q, dq = _activation_q(fp16, _relu_out(fp16))
+    scale = _get_init(fp16, q.input[1])
+    fp16.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), "relu_scale_f32"))
+    q.input[1] = "relu_scale_f32"  # the DQ keeps its float16 scale
+    _assert_flagged(fp16, q.name, "scale and input dtypes differ")
+    q.input[1] = dq.input[1]
+    assert check_qdq_for_tensorrt(fp16) == []
+
+
+def test_float16_scales_need_opset_19(fp16: onnx.ModelProto) -> None:
+    _set_opset(fp16, 17)
+    q, _ = _activation_q(fp16, _relu_out(fp16))
+    _assert_flagged(fp16, q.name, "opset 19")
+    _set_opset(fp16, 19)
+    assert check_qdq_for_tensorrt(fp16) == []
+
+
+def _resize(scales_dtype: type) -> onnx.ModelProto:
+    """float16 data through Resize, whose ``scales`` input the ONNX schema fixes to float32."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="in/Cast"),
+         helper.make_node("Resize", ["x16", "", "scales"], ["y16"], mode="linear", name="up/Resize"),
+         helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT, name="out/Cast")],
+        "resize",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([1, 1, 2, 2, 2], scales_dtype), "scales")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_schema_fixed_float32_input_fed_float16_is_flagged() -> None:
+    _assert_flagged(_resize(np.float16), "up/Resize", "needs tensor(float)")
+    assert check_qdq_for_tensorrt(_resize(np.float32)) == []

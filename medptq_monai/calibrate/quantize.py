@@ -27,13 +27,14 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
 from .. import __version__
-from ..errors import CalibrationError
+from ..errors import CalibrationError, UnknownNameError
 from ..export.onnx_model import io_spec, load_onnx, metadata, save_onnx, set_metadata
 from ..export.trt_check import assert_tensorrt_compatible
 from ..fileio import sha256_file
 from .calibrators import CALIBRATORS, DEFAULT_CALIBRATOR, MAX_PASS_BYTES, check_calibrator, collect_ranges
 
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+HIGH_PRECISIONS = ("fp32", "fp16")  # what is not INT8: FP32 (default) or FP16 (export/fp16_remainder.py)
 
 
 @dataclass
@@ -43,6 +44,9 @@ class QuantizeOptions:
     ``exclude`` holds ``fnmatch`` patterns over ONNX node names kept in float. MatMuls between
     two activations (attention scores) stay float unless ``quantize_activation_matmul``.
     ``max_pass_bytes`` bounds the activations one calibration pass holds (more passes above it).
+    TensorRT variants of the written file: ``high_precision`` ``"fp16"`` stores and computes what is not
+    INT8 in FP16 (``export/fp16_remainder.py``); ``rewrite_deconv`` turns stride-2 kernel-2 ConvTranspose
+    into a per-channel INT8 1x1x1 Conv + depth-to-space (``export/deconv_rewrite.py``).
     """
 
     calibrator: str = DEFAULT_CALIBRATOR
@@ -52,9 +56,56 @@ class QuantizeOptions:
     exclude: Sequence[str] = field(default_factory=tuple)
     quantize_activation_matmul: bool = False
     max_pass_bytes: int = MAX_PASS_BYTES
+    high_precision: str = "fp32"
+    rewrite_deconv: bool = False
 
     def __post_init__(self) -> None:
         check_calibrator(self.calibrator)
+        check_high_precision(self.high_precision)
+
+
+def check_high_precision(name: str) -> None:
+    """Raise ``UnknownNameError`` unless ``name`` is one of ``HIGH_PRECISIONS``."""
+    if name not in HIGH_PRECISIONS:
+        raise UnknownNameError(f"unknown high_precision {name!r}; choose one of {list(HIGH_PRECISIONS)}")
+
+
+def apply_tensorrt_variants(int8: onnx.ModelProto, options: QuantizeOptions,
+                            fp32: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, dict[str, object]]:
+    """The QDQ model with ``options``' TensorRT variants applied (deconv rewrite first, then the FP16
+    remainder) and the ``medptq.*`` metadata recording them. ``fp32``: the FP32 source, whose weights
+    the rewritten Convs are requantized from per output channel."""
+    from ..export.deconv_rewrite import float_deconv_weights, rewrite_deconv
+    from ..export.fp16_remainder import convert_remainder_fp16
+
+    meta: dict[str, object] = {"medptq.high_precision": options.high_precision}
+    if options.rewrite_deconv:
+        report = rewrite_deconv(int8, float_deconv_weights(fp32) if fp32 is not None else None)
+        meta.update(report.metadata())
+    if options.high_precision == "fp16":
+        int8, fp16 = convert_remainder_fp16(int8)
+        meta.update(fp16.metadata())
+    return int8, meta
+
+
+def apply_tensorrt_variants_file(int8_path: str | os.PathLike, high_precision: str = "fp32",
+                                 rewrite_deconv: bool = False, fp32_path: str | os.PathLike | None = None,
+                                 out_path: str | os.PathLike | None = None) -> dict[str, str]:
+    """Apply the TensorRT variants to an INT8+FP32 QDQ file written by :func:`quantize_onnx`, in place or to
+    ``out_path`` (checked, atomic: nothing is written on error); returns the metadata added."""
+    check_high_precision(high_precision)
+    model = load_onnx(int8_path)
+    done = metadata(model)
+    if done.get("medptq.high_precision", "fp32") != "fp32" or "medptq.deconv_rewrite" in done:
+        raise CalibrationError(f"{int8_path} already carries TensorRT variants ({done.get('medptq.high_precision')}, "
+                               f"deconv rewrite: {'medptq.deconv_rewrite' in done}); start from the INT8+FP32 file")
+    fp32 = load_onnx(fp32_path) if fp32_path is not None else None
+    options = QuantizeOptions(high_precision=high_precision, rewrite_deconv=rewrite_deconv)
+    model, meta = apply_tensorrt_variants(model, options, fp32)
+    set_metadata(model, meta)
+    assert_tensorrt_compatible(model, name=str(out_path or int8_path))
+    save_onnx(model, out_path or int8_path)
+    return {k: str(v) for k, v in meta.items()}
 
 
 @dataclass
@@ -225,7 +276,8 @@ def quantize_onnx(
     ``calibration_model`` is the same network exported at the (smaller) patch size of ``patches``: its
     activation ranges are computed there and applied to ``fp32_path``'s tensors of the same names.
     The result passes ``onnx.checker`` and the static TensorRT check before it is written;
-    ``metadata_props`` record calibrator, patch count, seed, source sha256 and package version.
+    ``metadata_props`` record calibrator, patch count, seed, source sha256, package version and the
+    TensorRT variants applied (``apply_tensorrt_variants``).
     """
     options = options or QuantizeOptions()
     fp32_path = Path(fp32_path)
@@ -248,6 +300,7 @@ def quantize_onnx(
             percentile=options.percentile, on_patch=on_patch, max_pass_bytes=options.max_pass_bytes,
         )
         int8 = write_qdq(pre, ranges, options, chosen, excluded, work)
+        int8, variants = apply_tensorrt_variants(int8, options, load_onnx(pre) if options.rewrite_deconv else None)
         meta = {
             "medptq.version": __version__,
             "medptq.precision": "int8",
@@ -257,6 +310,7 @@ def quantize_onnx(
             "medptq.quantized_nodes": len(chosen),
             "medptq.excluded_nodes": ",".join(excluded),
             "medptq.fp32_sha256": sha256_file(fp32_path),
+            **variants,
         }
         if CALIBRATORS[options.calibrator].uses_percentile:
             meta["medptq.percentile"] = options.percentile

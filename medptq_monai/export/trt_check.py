@@ -19,6 +19,14 @@ and cover the main graph only, not the subgraphs of If/Loop nodes. Each rule nam
   (axis 0 = input channels of the ``(Cin, Cout/group, k...)`` weight in NVIDIA/TensorRT#2380 and
   ModelOpt's torch descriptors; axis 1 in ModelOpt's ONNX PTQ), so only a per-tensor scale is
   unambiguous; that is what ``calibrate.quantize.write_qdq`` writes.
+- [TYPED] Strongly typed networks (TensorRT 10 with ``STRONGLY_TYPED``, always in 11) take every tensor's
+  dtype from the graph and insert no casts. onnx/onnx-tensorrt ``onnxOpImporters.cpp``
+  ``QuantDequantLinearHelper`` (main, commit 0137504e): FP16/BF16 scales are read; a strongly typed DQ
+  outputs its scale's type; a Q's scale is cast to the input type only below opset 19. ONNX operator
+  specs: ``QuantizeLinear``/``DequantizeLinear``-13 take FLOAT scales only, -19 add FLOAT16 with ``x`` and
+  ``y_scale`` of one type (Q) and the output of the scale's type (DQ); inputs of an op that share a type
+  variable (``T``) must share a dtype. These dtype rules run only on graphs that hold FLOAT16/BFLOAT16
+  tensors (the ``--high_precision fp16`` files); an all-FP32 graph cannot break them.
 """
 
 from __future__ import annotations
@@ -288,8 +296,96 @@ def _node_issues(g: _Graph, node: onnx.NodeProto) -> list[str]:
     return msgs
 
 
+_REDUCED_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def _has_reduced_float(model: onnx.ModelProto) -> bool:
+    g = model.graph
+    if any(t.data_type in _REDUCED_FLOATS for t in g.initializer):
+        return True
+    for node in g.node:
+        for a in node.attribute:
+            if (a.name == "to" and node.op_type == "Cast" and a.i in _REDUCED_FLOATS) or (
+                    a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _REDUCED_FLOATS):
+                return True
+    return any(vi.type.tensor_type.elem_type in _REDUCED_FLOATS for vi in (*g.input, *g.output, *g.value_info))
+
+
+def _inferred_types(model: onnx.ModelProto, g: _Graph) -> dict[str, int]:
+    """Element type of every tensor ONNX's (non-strict) type inference can tell, plus constants."""
+    types = dict(g.elem_type)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a graph inference cannot read at all: use what the file says
+        inferred = model
+    for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    for name, const in g.consts.items():
+        types[name] = const.dtype
+    return types
+
+
+_TYPE_STR = {TensorProto.FLOAT: "tensor(float)", TensorProto.FLOAT16: "tensor(float16)",
+             TensorProto.BFLOAT16: "tensor(bfloat16)", TensorProto.DOUBLE: "tensor(double)"}
+
+
+def _node_dtype_issues(node: onnx.NodeProto, schema: onnx.defs.OpSchema, types: dict[str, int], g: _Graph,
+                       opset: int) -> list[str]:
+    if node.op_type in (_Q, _DQ) and opset < 19:
+        reduced = [n for n in node.input[:2] if types.get(n) in _REDUCED_FLOATS]
+        if reduced:
+            return [f"float16/bfloat16 {reduced} at opset {opset}: {node.op_type} takes float16/bfloat16 data and "
+                    "scales from opset 19 (ONNX spec)"]
+        return []
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    groups: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for idx, name in enumerate(node.input):
+        dtype = types.get(name) if name else None
+        if dtype in _FLOAT_TYPES:
+            groups[schema.inputs[min(idx, len(schema.inputs) - 1)].type_str].append((name, dtype))
+    msgs = []
+    for type_str, entries in groups.items():
+        what = ", ".join(f"'{n}' {_type_name(d)}" for n, d in entries)
+        if type_str not in allowed:  # a fixed type such as tensor(float)
+            if any(_TYPE_STR[d] != type_str for _, d in entries):
+                msgs.append(f"input {what} where the ONNX schema needs {type_str}; add a Cast")
+            continue
+        bad = [n for n, d in entries if _TYPE_STR[d] not in allowed[type_str]]
+        if bad:
+            msgs.append(f"{bad} of a type {type_str} does not allow at opset {opset}")
+        if len({d for _, d in entries}) > 1:
+            if node.op_type == _Q:
+                msgs.append(f"scale and input dtypes differ ({what}): a strongly typed TensorRT Q needs the scale "
+                            "in the input's type (its parser casts the scale only below opset 19)")
+            else:
+                msgs.append(f"inputs {what} share type {type_str} but mix dtypes: a strongly typed TensorRT "
+                            "network inserts no casts; add a Cast")
+    return msgs
+
+
+def _dtype_issues(model: onnx.ModelProto, g: _Graph, opset: int) -> list[QDQIssue]:
+    """[TYPED]: dtype consistency of a graph with FLOAT16/BFLOAT16 tensors, node by node."""
+    if not _has_reduced_float(model):
+        return []
+    types = _inferred_types(model, g)
+    issues: list[QDQIssue] = []
+    for i, node in enumerate(g.nodes):
+        if node.domain not in _DEFAULT_DOMAINS:
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+        except onnx.defs.SchemaError:
+            continue
+        if schema.inputs:
+            issues += [QDQIssue(_name(node, i), node.op_type, m)
+                       for m in _node_dtype_issues(node, schema, types, g, opset)]
+    return issues
+
+
 def check_qdq_for_tensorrt(model: onnx.ModelProto | str | os.PathLike) -> list[QDQIssue]:
-    """Every node of a QDQ ONNX graph that breaks TensorRT's explicit int8 quantization rules."""
+    """Every node of a QDQ ONNX graph that breaks TensorRT's explicit int8 quantization rules
+    (and, for graphs with FLOAT16 tensors, the strongly typed dtype rules)."""
     model = _as_model(model)
     g = _Graph(model)
     issues: list[QDQIssue] = []
@@ -304,6 +400,7 @@ def check_qdq_for_tensorrt(model: onnx.ModelProto | str | os.PathLike) -> list[Q
         issues.append(QDQIssue("<graph>", "opset_import", msg))
     for i, node in qdq:
         issues += [QDQIssue(_name(node, i), node.op_type, m) for m in _node_issues(g, node)]
+    issues += _dtype_issues(model, g, opset)
     return issues
 
 
