@@ -24,14 +24,20 @@ class Commands:
         source_onnx: str | None = None,
         exclude: str = "",
         overlays: str = "",
+        high_precision: str = "fp32",
+        rewrite_deconv: bool = False,
     ) -> dict:
         """Calibrate a bundle on the NIfTIs in DATASET_DIR; writes models/model.onnx and models/model_int8.onnx.
 
         SOURCE_ONNX: quantize an FP32 ONNX exported elsewhere instead of network_def + models/model.pt.
         EXCLUDE: comma-separated node-name patterns kept in float. OVERLAYS: configs merged after
-        inference.json, e.g. small.json.
+        inference.json, e.g. small.json. HIGH_PRECISION fp16 / REWRITE_DECONV: TensorRT variants of the INT8 file
+        (FP16 remainder; stride-2 kernel-2 ConvTranspose as INT8 Conv + depth-to-space).
         """
         from .bundle.runner import bundle_parser
+        from .calibrate.quantize import check_high_precision
+
+        check_high_precision(high_precision)
 
         overrides: dict = {"dataset_dir": dataset_dir}
         for key, value in (("calibrator", calibrator), ("calib_num_patches", num_patches), ("calib_seed", seed),
@@ -42,11 +48,13 @@ class Commands:
             overrides["calib_exclude"] = [p for p in str(exclude).split(",") if p]
         configs = ["inference.json", *[o for o in str(overlays).split(",") if o], "calibrate.json"]
         parser = bundle_parser(bundle, configs, **overrides)
-        return parser.get_parsed_content("calibration").run()
+        summary = parser.get_parsed_content("calibration").run()
+        return _tensorrt_variants(summary, summary["int8_onnx"], summary["fp32_onnx"], high_precision, rewrite_deconv)
 
     def quantize(self, bundle: str, config_file=None, meta_file: str | None = None, checkpoint: str | None = None,
                  roi_size=None, calibrator: str | None = None, num_patches: int = 32, seed: int = 0, exclude="",
-                 heldout_patches: int = 4, progress: bool = True, **overrides) -> dict:
+                 heldout_patches: int = 4, progress: bool = True, high_precision: str = "fp32",
+                 rewrite_deconv: bool = False, **overrides) -> dict:
         """INT8 for an unmodified MONAI bundle (zoo layout): writes models/model.onnx, models/model_int8.onnx and
         configs/inference_int8.json, then prints a summary. Run it with: python -m monai.bundle run --config_file
         "['B/configs/inference.json','B/configs/inference_int8.json']" --bundle_root B --dataset_dir D.
@@ -54,16 +62,23 @@ class Commands:
         CONFIG_FILE: the bundle's config(s), default configs/inference.json (a list is merged in order).
         CHECKPOINT: default models/model.pt; ROI_SIZE: default inferer#roi_size; EXCLUDE: comma-separated
         node-name patterns kept in float. Other --key value pairs override config ids (--dataset_dir D,
-        --datalist [...], --data_list_file_path F), as with monai.bundle run.
+        --datalist [...], --data_list_file_path F), as with monai.bundle run. HIGH_PRECISION fp16 / REWRITE_DECONV:
+        TensorRT variants of the INT8 file (FP16 remainder; stride-2 kernel-2 ConvTranspose as INT8 Conv +
+        depth-to-space); the printed held-out SQNR is the INT8+FP32 file's.
         """
         from .bundle.quantize_bundle import quantize_bundle
         from .calibrate.calibrators import DEFAULT_CALIBRATOR
+        from .calibrate.quantize import check_high_precision
 
+        check_high_precision(high_precision)
         patterns = exclude.split(",") if isinstance(exclude, str) else [str(p) for p in exclude]
-        return quantize_bundle(bundle, config_file=config_file, meta_file=meta_file, checkpoint=checkpoint,
-                               roi_size=roi_size, calibrator=calibrator or DEFAULT_CALIBRATOR,
-                               num_patches=num_patches, seed=seed, exclude=[p for p in patterns if p],
-                               heldout_patches=heldout_patches, progress=progress, **overrides)
+        summary = quantize_bundle(bundle, config_file=config_file, meta_file=meta_file, checkpoint=checkpoint,
+                                  roi_size=roi_size, calibrator=calibrator or DEFAULT_CALIBRATOR,
+                                  num_patches=num_patches, seed=seed, exclude=[p for p in patterns if p],
+                                  heldout_patches=heldout_patches, progress=progress, **overrides)
+        root = Path(bundle)
+        return _tensorrt_variants(summary, root / summary["int8_onnx"], root / summary["fp32_onnx"], high_precision,
+                                  rewrite_deconv)
 
     def sensitivity(self, bundle: str, dataset_dir: str, calibrator: str | None = None, num_patches: int = 8,
                     seed: int = 0, top: int = 10, overlays: str = "") -> dict:
@@ -189,6 +204,16 @@ class Commands:
         return {**machine_info(), "engines": engines, "auto_cpu_engine": first_cpu_engine(),
                 "calibrators": list(CALIBRATORS), "default_calibrator": DEFAULT_CALIBRATOR,
                 "tensorrt_usable": usable, "tensorrt_reason": reason}
+
+
+def _tensorrt_variants(summary: dict, int8: str | Path, fp32: str | Path, high_precision: str,
+                       rewrite_deconv: bool) -> dict:
+    """Apply the TensorRT variants (FP16 remainder, deconv rewrite) to the INT8 file just written."""
+    if high_precision != "fp32" or rewrite_deconv:
+        from .calibrate.quantize import apply_tensorrt_variants_file
+
+        summary["tensorrt_variants"] = apply_tensorrt_variants_file(int8, high_precision, bool(rewrite_deconv), fp32)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
