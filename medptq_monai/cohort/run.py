@@ -60,19 +60,16 @@ def check_output_dir(output_dir: Path, source: Path) -> None:
 
 @contextlib.contextmanager
 def output_lock(output_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the output folder (two runs never write the same manifest)."""
+    """Hold an exclusive lock on the output folder (two runs never write the same manifest). The hidden lock file
+    stays (removing it would let a third run lock a new file while a second still holds the old one); the
+    lock itself goes with the process, so a killed run never blocks the next."""
     path = output_dir / LOCK_NAME
-    fh = open(path, "a")
-    try:
+    with open(path, "a") as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             raise OutputDirError(f"another `medptq infer` is writing to {output_dir} (lock {path})") from err
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        fh.close()
 
 
 def _remove_leftovers(output_dir: Path, case_id: str | None = None) -> int:
