@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sourced by demo.sh and test.sh: create or reuse .venv in the repository and install
-# medptq-monai with its CPU engines and test tools. Re-installs only when the
+# medptq-monai with its CPU engines, test tools and Ray (the cohort tests start a local Ray cluster). Re-installs only when the
 # dependency files changed. torch is installed first, pinned to the CPU build.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constr
     echo "installing medptq-monai and its dependencies into .venv ..."
     python -m pip install -q --upgrade pip
     python -m pip install -q -c requirements/constraints.txt "torch==2.13.0"
-    python -m pip install -q -c requirements/constraints.txt -e ".[cpu,test]"
+    python -m pip install -q -c requirements/constraints.txt -e ".[cpu,test,cluster]"
     # nnU-Net's network library: PlainConvUNet needs only torch and numpy, but the package
     # declares timm (-> torchvision -> another torch), so it goes in without dependencies.
     python -m pip install -q --no-deps "dynamic-network-architectures==0.4.4"
