@@ -11,6 +11,7 @@ import torch
 from ..errors import ModelFileError
 from .base import Engine
 from .cpu_isa import accumulates_in_32_bits, engine_isa
+from .ort_fused import OrtFusion, describe_fusion, make_ort_fused
 from .saturation import SaturationFix, describe_fix, make_saturation_safe
 
 # Ops ONNX Runtime's CPU provider runs with integer kernels in our QDQ files: DQ→MatMul fuses into
@@ -18,13 +19,24 @@ from .saturation import SaturationFix, describe_fix, make_saturation_safe
 INTEGER_OPS = ("MatMul", "Gemm")
 
 
+def cpu_int8_copy(model: onnx.ModelProto, isa: str) -> tuple[SaturationFix, OrtFusion]:
+    """Rewrite a QDQ ``model`` in place into what the CPU engine runs on ``isa``: saturation-safe where INT8 sums
+    are 16-bit (and then no convolution fused), the ``ort_fused`` copy in every case."""
+    exact_sums = accumulates_in_32_bits(isa)
+    fix = SaturationFix(0, 0) if exact_sums else make_saturation_safe(model, INTEGER_OPS)
+    return fix, make_ort_fused(model, fuse=exact_sums)
+
+
 class OnnxRuntimeEngine(Engine):
     """Runs an FP32 or QDQ INT8 ONNX file with ONNX Runtime.
 
     On CPU, QDQ Conv is fused into integer QLinearConv only where the Q/DQ pattern allows it;
-    other quantized ops run in float between Q/DQ. Measure before assuming a speedup. On a CPU
-    without 32-bit INT8 accumulation (``cpu_isa``: MLAS follows the CPU's own flags) the ops it runs
-    with integer kernels (``INTEGER_OPS``) are made saturation-safe at load time (``saturation``).
+    other quantized ops run in float between Q/DQ. A QDQ model is loaded as an ORT-specific copy
+    (``ort_fused``): Relu-fed output quantizers are folded into QLinearConv where that is free, and
+    the weights of the convolutions it runs in float are dequantized once at load. On a CPU without
+    32-bit INT8 accumulation (``cpu_isa``: MLAS follows the CPU's own flags) no convolution is fused
+    and the ops it runs with integer kernels (``INTEGER_OPS``) are made saturation-safe (``saturation``).
+    Measure before assuming a speedup (``scripts/ort_int8_speed.py``).
     """
 
     name = "onnxruntime"
@@ -46,12 +58,14 @@ class OnnxRuntimeEngine(Engine):
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
         self.isa = engine_isa(self.name)
         self.saturation = SaturationFix(0, 0)
+        self.fusion = OrtFusion(0, 0)
         try:
             source: str | bytes = str(self.model_path)
-            if precision == "int8" and self.device.type == "cpu" and not accumulates_in_32_bits(self.isa):
+            if precision == "int8" and self.device.type == "cpu":
                 proto = onnx.load(str(self.model_path))
-                self.saturation = make_saturation_safe(proto, INTEGER_OPS)
-                source = proto.SerializeToString()
+                if any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
+                    self.saturation, self.fusion = cpu_int8_copy(proto, self.isa)
+                    source = proto.SerializeToString()
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as err:
             raise ModelFileError(f"ONNX Runtime cannot load {self.model_path}: {err}") from err
@@ -67,4 +81,5 @@ class OnnxRuntimeEngine(Engine):
                 "isa": self.isa}
         if self.precision == "int8":
             info["int8_model"] = describe_fix(self.isa, self.saturation)
+            info["ort_graph"] = describe_fusion(self.fusion)
         return info
