@@ -159,15 +159,14 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: str = "
 
 def run_calibration(bundle: Path, images_dir: Path, num_patches: int | None = None,
                     overrides: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run the bundle's calibrate.json in a subprocess (``python -m monai.bundle run``), sampling its
-    RSS (with its children) every ~20 ms: ``calib_peak_bytes``. (``wait4``'s maxrss is not used: in a process
-    that runs several calibrations it reported the largest child so far, not this one.)
-    ``overrides`` are passed as ``--key value`` (e.g. ``models_dir``, ``checkpoint``)."""
-    configs = [str(bundle / "configs" / c) for c in ("inference.json", "calibrate.json")]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs),
-           "--dataset_dir", str(images_dir), "--bundle_root", str(bundle)]
+    """Run ``medptq quantize`` on the bundle in a subprocess, sampling its RSS (with its children) every ~20 ms:
+    ``calib_peak_bytes``. (``wait4``'s maxrss is not used: in a process that runs several calibrations it
+    reported the largest child so far, not this one.) ``overrides`` are passed as ``--key value`` (e.g.
+    ``models_dir``, ``checkpoint``). No held-back patches: the peak is calibration's."""
+    cmd = [sys.executable, "-m", "medptq_monai.cli", "quantize", str(bundle), "--dataset_dir", str(images_dir),
+           "--heldout_patches", "0", "--progress", "False"]
     if num_patches:
-        cmd += ["--calib_num_patches", str(int(num_patches))]
+        cmd += ["--num_patches", str(int(num_patches))]
     for key, value in (overrides or {}).items():
         cmd += [f"--{key}", str(value)]
     logger.info("calibrating: %s", " ".join(cmd))

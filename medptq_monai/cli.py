@@ -1,4 +1,4 @@
-"""``medptq`` command line (fire): calibrate, sensitivity, check, demo, fidelity, bench, bench_volume, pack,
+"""``medptq`` command line (fire): quantize, sensitivity, check, demo, fidelity, bench, bench_volume, pack,
 import_nnunet, info."""
 
 from __future__ import annotations
@@ -14,77 +14,42 @@ from .errors import MedPTQError
 class Commands:
     """medptq-monai: INT8 post-training quantization for MONAI 3D segmentation bundles."""
 
-    def calibrate(
-        self,
-        bundle: str,
-        dataset_dir: str,
-        calibrator: str | None = None,
-        num_patches: int | None = None,
-        seed: int | None = None,
-        source_onnx: str | None = None,
-        exclude: str = "",
-        overlays: str = "",
-        high_precision: str = "fp32",
-        rewrite_deconv: bool = False,
-    ) -> dict:
-        """Calibrate a bundle on the NIfTIs in DATASET_DIR; writes models/model.onnx and models/model_int8.onnx.
-
-        SOURCE_ONNX: quantize an FP32 ONNX exported elsewhere instead of network_def + models/model.pt.
-        EXCLUDE: comma-separated node-name patterns kept in float. OVERLAYS: configs merged after
-        inference.json, e.g. small.json. HIGH_PRECISION fp16 / REWRITE_DECONV: TensorRT variants of the INT8 file
-        (FP16 remainder; stride-2 kernel-2 ConvTranspose as INT8 Conv + depth-to-space).
-        """
-        from .bundle.runner import bundle_parser
-        from .calibrate.quantize import check_high_precision
-
-        check_high_precision(high_precision)
-
-        overrides: dict = {"dataset_dir": dataset_dir}
-        for key, value in (("calibrator", calibrator), ("calib_num_patches", num_patches), ("calib_seed", seed),
-                           ("source_onnx", source_onnx)):
-            if value is not None:
-                overrides[key] = value
-        if exclude:
-            overrides["calib_exclude"] = [p for p in str(exclude).split(",") if p]
-        configs = ["inference.json", *[o for o in str(overlays).split(",") if o], "calibrate.json"]
-        parser = bundle_parser(bundle, configs, **overrides)
-        summary = parser.get_parsed_content("calibration").run()
-        return _tensorrt_variants(summary, summary["int8_onnx"], summary["fp32_onnx"], high_precision, rewrite_deconv)
-
     def quantize(self, bundle: str, config_file=None, meta_file: str | None = None, checkpoint: str | None = None,
-                 roi_size=None, calibrator: str | None = None, num_patches: int = 32, seed: int = 0, exclude="",
-                 heldout_patches: int = 4, progress: bool = True, high_precision: str = "fp32",
-                 rewrite_deconv: bool = False, **overrides) -> dict:
-        """INT8 for an unmodified MONAI bundle (zoo layout): writes models/model.onnx, models/model_int8.onnx and
-        configs/inference_int8.json, then prints a summary. Run it with: python -m monai.bundle run --config_file
-        "['B/configs/inference.json','B/configs/inference_int8.json']" --bundle_root B --dataset_dir D.
+                 roi_size=None, calibrator: str | None = None, num_patches: int | None = None,
+                 seed: int | None = None, exclude=None, heldout_patches: int = 4, progress: bool = True,
+                 calibration_roi=None, high_precision: str = "fp32", rewrite_deconv: bool = False,
+                 **overrides) -> dict:
+        """INT8 for any MONAI bundle (zoo layout, or ours): writes model.onnx and model_int8.onnx beside the
+        checkpoint's models folder and configs/inference_int8.json, then prints a summary. Run it with:
+        python -m monai.bundle run --config_file "['B/configs/inference.json','B/configs/inference_int8.json']"
+        --bundle_root B --dataset_dir D.
 
-        CONFIG_FILE: the bundle's config(s), default configs/inference.json (a list is merged in order).
-        CHECKPOINT: default models/model.pt; ROI_SIZE: default inferer#roi_size; EXCLUDE: comma-separated
-        node-name patterns kept in float. Other --key value pairs override config ids (--dataset_dir D,
-        --datalist [...], --data_list_file_path F), as with monai.bundle run. HIGH_PRECISION fp16 / REWRITE_DECONV:
-        TensorRT variants of the INT8 file (FP16 remainder; stride-2 kernel-2 ConvTranspose as INT8 Conv +
-        depth-to-space); the printed held-out SQNR is the INT8+FP32 file's.
+        CONFIG_FILE: the bundle's config(s), default configs/inference.json (a list is merged in order, e.g.
+        "['B/configs/inference.json','B/configs/small.json']"). CHECKPOINT: default model.pt in the bundle's
+        models_dir (models/). ROI_SIZE: default inferer#roi_size. CALIBRATOR, NUM_PATCHES, SEED, EXCLUDE
+        (comma-separated node-name patterns kept in float) and CALIBRATION_ROI default to the bundle metadata's
+        quantization section, else mse / 32 / 0 / none. Other --key value pairs override config ids
+        (--dataset_dir D, --datalist [...], --data_list_file_path F), as with monai.bundle run.
+        HIGH_PRECISION fp16 / REWRITE_DECONV: TensorRT variants of the INT8 file (FP16 remainder; stride-2
+        kernel-2 ConvTranspose as INT8 Conv + depth-to-space); the printed held-out SQNR is the INT8+FP32 file's.
         """
         from .bundle.quantize_bundle import quantize_bundle
-        from .calibrate.calibrators import DEFAULT_CALIBRATOR
         from .calibrate.quantize import check_high_precision
 
         check_high_precision(high_precision)
-        patterns = exclude.split(",") if isinstance(exclude, str) else [str(p) for p in exclude]
         summary = quantize_bundle(bundle, config_file=config_file, meta_file=meta_file, checkpoint=checkpoint,
-                                  roi_size=roi_size, calibrator=calibrator or DEFAULT_CALIBRATOR,
-                                  num_patches=num_patches, seed=seed, exclude=[p for p in patterns if p],
-                                  heldout_patches=heldout_patches, progress=progress, **overrides)
+                                  roi_size=roi_size, calibrator=calibrator, num_patches=num_patches, seed=seed,
+                                  exclude=exclude, heldout_patches=heldout_patches, progress=progress,
+                                  calibration_roi=calibration_roi, **overrides)
         root = Path(bundle)
         return _tensorrt_variants(summary, root / summary["int8_onnx"], root / summary["fp32_onnx"], high_precision,
                                   rewrite_deconv)
 
     def sensitivity(self, bundle: str, dataset_dir: str, calibrator: str | None = None, num_patches: int = 8,
                     seed: int = 0, top: int = 10, overlays: str = "") -> dict:
-        """Per-layer INT8 sensitivity of a calibrated bundle (its FP32 models_dir/model.onnx): output SQNR (dB)
-        with only that layer quantized, most sensitive first; candidates for --calib_exclude.
-        CALIBRATOR defaults to the bundle's (metadata quantization.calibrator); OVERLAYS: e.g. small.json."""
+        """Per-layer INT8 sensitivity of a quantized bundle (its FP32 models_dir/model.onnx): output SQNR (dB)
+        with only that layer quantized, most sensitive first; candidates for medptq quantize --exclude (or
+        metadata quantization.float_layers). CALIBRATOR defaults to the bundle's (metadata quantization.calibrator); OVERLAYS: e.g. small.json."""
         from .bundle.runner import bundle_parser
         from .calibrate.patches import PatchPlan, sample_patches
         from .calibrate.calibrators import DEFAULT_CALIBRATOR

@@ -11,6 +11,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .bundle.overlay import OVERLAY_NAME
+from .bundle.quantize_bundle import quantize_bundle
 from .bundle.runner import bundle_parser, run_inference
 from .bundle.transforms import label_path, load_remapped_label
 from .errors import MedPTQError
@@ -32,9 +34,10 @@ def check_fidelity(
     calib_patches: int | None = None,
     log=print,
 ) -> dict:
-    """Calibrate ``bundle`` (with config ``overlays`` such as ``small.json``) on ``<data_dir>/calibration``
-    (another patient; ``images`` when absent), segment ``<data_dir>/images`` with torch FP32 and the INT8
-    engine, and return Dice vs labels for both, Dice(INT8 vs FP32), sizes and timings."""
+    """Quantize ``bundle`` (``medptq quantize``, with config ``overlays`` such as ``small.json``) on
+    ``<data_dir>/calibration`` (another patient; ``images`` when absent), segment ``<data_dir>/images`` with the
+    bundle's own FP32 ``inference.json`` (torch) and with the INT8 overlay added, and return Dice vs labels
+    for both, Dice(INT8 vs FP32), sizes and timings."""
     root, data, out = Path(bundle).resolve(), Path(data_dir).resolve(), Path(out_dir).resolve()
     images, labels = data / "images", data / "labels"
     if not images.is_dir() or not labels.is_dir():
@@ -46,17 +49,16 @@ def check_fidelity(
     if not checkpoint.is_file():
         raise MedPTQError(f"checkpoint missing: {checkpoint}")
 
-    log(f"[1/4] calibrating {root.name} {' '.join(overlays)} on {calib_dir}")
-    extra = {"calib_num_patches": int(calib_patches)} if calib_patches else {}
-    calib = bundle_parser(root, [*configs, "calibrate.json"], dataset_dir=str(calib_dir), **extra)
-    summary = calib.get_parsed_content("calibration").run()
-    log("[2/4] FP32 whole-volume inference (MONAI sliding window, torch eager)")
+    log(f"[1/4] medptq quantize {root.name} {' '.join(overlays)} on {calib_dir}")
+    summary = quantize_bundle(root, [root / "configs" / c for c in configs], num_patches=calib_patches,
+                              progress=False, dataset_dir=str(calib_dir))
+    log("[2/4] FP32 whole-volume inference (the bundle's inference.json: MONAI sliding window, torch eager)")
     fp32_dir, int8_dir = out / "fp32", out / "int8"
     fp32 = run_inference(root, configs, warmup=True, dataset_dir=str(images), output_dir=str(fp32_dir),
-                         engine="torch", precision="fp32", **{"inferer#progress": False})
-    log(f"[3/4] INT8 whole-volume inference (engine={engine})")
-    int8 = run_inference(root, configs, warmup=True, dataset_dir=str(images), output_dir=str(int8_dir),
-                         engine=engine, precision="int8", **{"inferer#progress": False})
+                         **{"inferer#progress": False})
+    log(f"[3/4] INT8 whole-volume inference (+ {OVERLAY_NAME}, engine={engine})")
+    int8 = run_inference(root, [*configs, OVERLAY_NAME], warmup=True, dataset_dir=str(images),
+                         output_dir=str(int8_dir), engine=engine, precision="int8", **{"inferer#progress": False})
 
     log("[4/4] Dice")
     label_map = parser.get_parsed_content("label_map")
@@ -86,7 +88,8 @@ def check_fidelity(
         "size_ratio": summary["fp32_bytes"] / summary["int8_bytes"],
         "calibrator": summary["calibrator"],
         "calibration_patches": summary["num_patches"],
-        "excluded_nodes": summary["excluded_nodes"],
+        "excluded_nodes": summary["float_layers"],
+        "heldout_sqnr_db": summary["sqnr_db"],
         "calibration_data": str(calib_dir),
         "dice_fp32": float(np.mean(per_f32)),
         "dice_int8": float(np.mean(per_i8)),

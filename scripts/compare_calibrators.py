@@ -19,6 +19,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medptq_monai.bundle import quantize_bundle
+from medptq_monai.bundle.overlay import OVERLAY_NAME
 from medptq_monai.bundle.runner import bundle_parser, run_inference
 from medptq_monai.bundle.transforms import load_remapped_label
 from medptq_monai.calibrate.calibrators import CALIBRATORS
@@ -43,23 +45,21 @@ def main() -> None:
     args = ap.parse_args()
     data, out = Path(args.data).resolve(), Path(args.out)
     calib_dir = Path(args.calib_dir).resolve() if args.calib_dir else data / "calibration"
-    overrides = {} if args.exclude is None else {"calib_exclude": [p for p in args.exclude.split(",") if p]}
+    exclude = None if args.exclude is None else [p for p in args.exclude.split(",") if p]
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
         shutil.copytree(args.bundle, bundle, ignore=shutil.ignore_patterns("*.onnx", ".cache", "eval"))
         parser = bundle_parser(bundle, ["inference.json"])
         label_map, k = parser.get_parsed_content("label_map"), int(parser.get_parsed_content("num_classes"))
-        run_inference(bundle, dataset_dir=str(data / "images"), output_dir=f"{tmp}/fp32", engine="torch",
-                      precision="fp32")
+        run_inference(bundle, dataset_dir=str(data / "images"), output_dir=f"{tmp}/fp32")  # inference.json: FP32
         fp32 = _segs(Path(tmp) / "fp32")
         labels = {f"{p.name[:-7]}_seg.nii.gz": load_remapped_label(p, label_map) for p in (data / "labels").glob("*.nii.gz")}
         rows = []
         for name in args.calibrators.split(","):
-            calib = bundle_parser(bundle, ["inference.json", "calibrate.json"], calibrator=name,
-                                  dataset_dir=str(calib_dir), **overrides)
-            exclude = calib.get_parsed_content("calib_exclude")
-            calib.get_parsed_content("calibration").run()
-            run_inference(bundle, dataset_dir=str(data / "images"), output_dir=f"{tmp}/{name}", engine="openvino")
+            summary = quantize_bundle(bundle, calibrator=name, exclude=exclude, progress=False,
+                                      dataset_dir=str(calib_dir))
+            run_inference(bundle, ["inference.json", OVERLAY_NAME], dataset_dir=str(data / "images"),
+                          output_dir=f"{tmp}/{name}", engine="openvino")
             int8 = _segs(Path(tmp) / name)
             rows.append({
                 "calibrator": name,
@@ -69,7 +69,7 @@ def main() -> None:
             })
             print(rows[-1], flush=True)
     report = relative_paths({"rows": rows, "machine": machine_info(), "bundle": args.bundle, "data": str(data),
-                             "calibration_data": str(calib_dir), "exclude": exclude, "command": " ".join(sys.argv)})
+                             "calibration_data": str(calib_dir), "exclude": summary["float_layers"], "command": " ".join(sys.argv)})
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "calibrators.json", json.dumps(report, indent=2) + "\n")
     md = [f"Float layers: {exclude or 'none'}; calibration data: {calib_dir.name}/; command: `{report['command']}`", "",

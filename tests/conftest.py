@@ -106,12 +106,10 @@ def copy_bundle(dest: Path, src: Path = BUNDLE) -> Path:
 
 @pytest.fixture(scope="session")
 def calibrated_bundle(tmp_path_factory) -> Path:
-    """The real bundle with its shipped demo checkpoint, calibrated on the small real CT (8 patches)."""
-    from medptq_monai.bundle.runner import bundle_parser
+    """The real bundle with its shipped demo checkpoint, quantized (``medptq quantize``) on the small real CT
+    (8 patches)."""
+    from medptq_monai.bundle import quantize_bundle
 
     bundle = copy_bundle(tmp_path_factory.mktemp("bundle") / "unet_int8")
-    parser = bundle_parser(
-        bundle, ["inference.json", "calibrate.json"], dataset_dir=str(DATA / "images_small"), calib_num_patches=8
-    )
-    parser.get_parsed_content("calibration").run()
+    quantize_bundle(bundle, num_patches=8, heldout_patches=0, progress=False, dataset_dir=str(DATA / "images_small"))
     return bundle

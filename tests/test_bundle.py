@@ -26,6 +26,7 @@ from medptq_monai.export.trt_check import check_qdq_for_tensorrt
 from conftest import DATA, auto_engine, copy_bundle, int8_run_on_avx2, needs_avx2_simulation, needs_no_tensorrt
 
 SMALL_CT = DATA / "images_small" / "abdomen_ct_small.nii.gz"
+INT8 = ("inference.json", "inference_int8.json")  # the bundle's own FP32 config + the INT8 overlay
 
 
 def _cause(err: BaseException, kind: type) -> BaseException | None:
@@ -36,7 +37,7 @@ def _cause(err: BaseException, kind: type) -> BaseException | None:
 
 def _expect(kind, match, bundle, dataset_dir, out, **overrides):
     with pytest.raises(Exception) as info:
-        run_inference(bundle, dataset_dir=str(dataset_dir), output_dir=str(out), **overrides)
+        run_inference(bundle, INT8, dataset_dir=str(dataset_dir), output_dir=str(out), **overrides)
     cause = _cause(info.value, kind)
     assert cause is not None, f"expected {kind.__name__}, got {info.value!r}"
     assert match in str(cause), str(cause)
@@ -81,7 +82,7 @@ def test_monai_bundle_run_segments_any_grid_with_input_geometry(calibrated_bundl
     _regridded_ct(data / "regrid.nii.gz")
     out = tmp_path / "out"
     # bundle_root "." as in the zoo: run from inside the bundle, no --bundle_root needed
-    proc = _bundle_run(["--config_file", str(calibrated_bundle / "configs" / "inference.json"),
+    proc = _bundle_run(["--config_file", json.dumps([f"configs/{c}" for c in INT8]),
                         "--dataset_dir", str(data), "--output_dir", str(out)], cwd=calibrated_bundle)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"'engine': '{auto_engine()}', 'precision': 'int8'" in proc.stdout + proc.stderr
@@ -104,10 +105,9 @@ def demo_fp32(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("demo")
     bundle = copy_bundle(work / "unet_int8")
-    _calibrate(bundle, DATA / "calibration")
-    fp32 = run_inference(bundle, dataset_dir=str(DATA / "images"), output_dir=str(work / "f"), engine="torch",
-                         precision="fp32")
-    assert fp32["engine"]["engine"] == "torch"
+    _quantize(bundle, DATA / "calibration")
+    fp32 = run_inference(bundle, dataset_dir=str(DATA / "images"), output_dir=str(work / "f"))  # inference.json alone
+    assert fp32["engine"]["engine"] == "torch-module"
     label_map = bundle_parser(bundle, ["inference.json"]).get_parsed_content("label_map")
     ref = load_remapped_label(DATA / "labels" / "abdomen_ct.nii.gz", label_map)
     return bundle, np.asarray(nib.load(str(work / "f" / "abdomen_ct_seg.nii.gz")).dataobj), ref
@@ -126,8 +126,8 @@ def _check_demo_fidelity(fp32_seg, int8_seg, ref) -> None:
 def test_int8_matches_fp32_on_real_ct(demo_fp32, tmp_path):
     """The acceptance numbers on this host's own INT8 path."""
     bundle, fp32_seg, ref = demo_fp32
-    int8 = run_inference(bundle, dataset_dir=str(DATA / "images"), output_dir=str(tmp_path / "i"), engine="auto",
-                         precision="int8", sw_batch_size=3)
+    int8 = run_inference(bundle, INT8, dataset_dir=str(DATA / "images"), output_dir=str(tmp_path / "i"),
+                         engine="auto", precision="int8", sw_batch_size=3)
     assert int8["engine"]["engine"] == auto_engine()
     _check_demo_fidelity(fp32_seg, np.asarray(nib.load(str(tmp_path / "i" / "abdomen_ct_seg.nii.gz")).dataobj), ref)
 
@@ -136,17 +136,19 @@ def test_int8_matches_fp32_on_real_ct(demo_fp32, tmp_path):
 def test_int8_matches_fp32_on_the_avx2_path(demo_fp32, tmp_path):
     """The same acceptance numbers on OpenVINO's AVX2 path (16-bit pair sums), through MONAI's CLI."""
     bundle, fp32_seg, ref = demo_fp32
-    log = int8_run_on_avx2(bundle, ["inference.json"], DATA / "images", tmp_path / "i", "--sw_batch_size", "3")
+    log = int8_run_on_avx2(bundle, list(INT8), DATA / "images", tmp_path / "i", "--sw_batch_size", "3")
     assert "'isa': 'avx2'" in log and "'int8_model': 'saturation-safe (avx2)" in log, log[-2000:]
     _check_demo_fidelity(fp32_seg, np.asarray(nib.load(str(tmp_path / "i" / "abdomen_ct_seg.nii.gz")).dataobj), ref)
 
 
-def test_evaluate_config_reports_dice(calibrated_bundle):
-    result = run_inference(calibrated_bundle, ("inference.json", "evaluate.json"), dataset_dir=str(DATA),
-                           engine="openvino")
-    dice = result["metrics"]["val_mean_dice"]
-    assert 0.0 < dice <= 1.0
-    assert (calibrated_bundle / "eval" / "int8" / "val_mean_dice_raw.csv").is_file()
+def test_evaluate_config_reports_dice(calibrated_bundle, tmp_path):
+    """evaluate.json after the INT8 overlay (INT8 Dice) and after inference.json alone (the FP32 torch Dice)."""
+    dice = {}
+    for name, configs in (("int8", (*INT8, "evaluate.json")), ("fp32", ("inference.json", "evaluate.json"))):
+        result = run_inference(calibrated_bundle, configs, dataset_dir=str(DATA), output_dir=str(tmp_path / name))
+        dice[name] = result["metrics"]["val_mean_dice"]
+        assert (tmp_path / name / "val_mean_dice_raw.csv").is_file()
+    assert 0.5 < dice["fp32"] <= 1.0 and abs(dice["int8"] - dice["fp32"]) <= 0.01, dice
 
 
 def _nifti(path: Path, arr: np.ndarray) -> Path:
@@ -243,29 +245,29 @@ def test_cli_exit_code_and_message_on_bad_input(calibrated_bundle, tmp_path):
     arr = np.asarray(nib.load(str(SMALL_CT)).dataobj, dtype=np.float32)
     arr[0, 0, 0] = np.inf
     _nifti(data / "inf.nii.gz", arr)
-    proc = _bundle_run(["--config_file", str(calibrated_bundle / "configs" / "inference.json"), "--bundle_root",
-                        str(calibrated_bundle), "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out")],
-                       cwd=tmp_path)
+    proc = _bundle_run(["--config_file", json.dumps([str(calibrated_bundle / "configs" / c) for c in INT8]),
+                        "--bundle_root", str(calibrated_bundle), "--dataset_dir", str(data), "--output_dir",
+                        str(tmp_path / "out")], cwd=tmp_path)
     assert proc.returncode != 0
     assert "NaN/Inf" in proc.stderr
     assert not (tmp_path / "out" / "inf_seg.nii.gz").exists()
 
 
-def test_calibrate_config_through_monai_cli_and_bad_calibration_inputs(tmp_path):
+def test_medptq_quantize_cli_on_our_bundle_and_bad_calibration_inputs(tmp_path):
+    """Our bundles are quantized like any bundle: ``medptq quantize``; the options override the metadata's."""
     bundle = copy_bundle(tmp_path / "unet_int8")
-    configs = json.dumps([str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "calibrate.json")])
-    proc = _bundle_run(["--config_file", configs, "--bundle_root", str(bundle), "--dataset_dir", str(SMALL_CT.parent),
-                        "--calib_num_patches", "2",
-                        "--calibrator", "percentile"], cwd=tmp_path)
+    overlay = (bundle / "configs" / "inference_int8.json").read_bytes()
+    proc = _medptq(["quantize", str(bundle), "--dataset_dir", str(SMALL_CT.parent), "--num_patches", "2",
+                    "--calibrator", "percentile", "--progress", "False"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert metadata(onnx.load(str(bundle / "models" / "model_int8.onnx")))["medptq.calibrator"] == "percentile"
+    assert (bundle / "configs" / "inference_int8.json").read_bytes() == overlay, "the template's overlay is rewritten"
     (tmp_path / "empty").mkdir()
-    proc = _bundle_run(["--config_file", configs, "--bundle_root", str(bundle), "--dataset_dir",
-                        str(tmp_path / "empty")], cwd=tmp_path)
-    assert proc.returncode != 0 and "no NIfTI files" in proc.stderr
-    proc = _bundle_run(["--config_file", configs, "--bundle_root", str(bundle), "--dataset_dir", str(SMALL_CT.parent),
-                        "--calibrator", "minmax"], cwd=tmp_path)
-    assert proc.returncode != 0 and "unknown calibrator 'minmax'" in proc.stderr
+    for args, message in ((["--dataset_dir", str(tmp_path / "empty")], "no NIfTI files"),
+                          (["--dataset_dir", str(SMALL_CT.parent), "--calibrator", "minmax"],
+                           "unknown calibrator 'minmax'")):
+        proc = _medptq(["quantize", str(bundle), *args], cwd=tmp_path)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def test_train_config_runs_one_epoch(tmp_path):
@@ -280,11 +282,15 @@ def test_train_config_runs_one_epoch(tmp_path):
 
 
 
-def _calibrate(bundle, dataset_dir, **overrides):
-    from medptq_monai.bundle.runner import bundle_parser
+def _quantize(bundle, dataset_dir, **options):
+    from medptq_monai.bundle import quantize_bundle
 
-    parser = bundle_parser(bundle, ["inference.json", "calibrate.json"], dataset_dir=str(dataset_dir), **overrides)
-    return parser.get_parsed_content("calibration").run()
+    return quantize_bundle(bundle, progress=False, dataset_dir=str(dataset_dir), **options)
+
+
+def _medptq(args, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", "medptq_monai.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_failed_calibration_keeps_the_previous_models(calibrated_bundle, tmp_path):
@@ -298,36 +304,22 @@ def test_failed_calibration_keeps_the_previous_models(calibrated_bundle, tmp_pat
     arr[5, 5, 5] = np.nan
     _nifti(data / "nan.nii.gz", arr)
     with pytest.raises(Exception) as info:
-        _calibrate(bundle, data, calib_num_patches=2)
+        _quantize(bundle, data, num_patches=2)
     assert _cause(info.value, InputImageError) is not None
     assert {f: sha256_file(bundle / "models" / f) for f in before} == before
     assert sorted(p.name for p in (bundle / "models").iterdir()) == ["model.onnx", "model.pt", "model_int8.onnx"]
 
 
-def test_quantize_an_existing_fp32_onnx_and_reject_a_mismatched_one(calibrated_bundle, tmp_path, small_fp32):
-    bundle = copy_bundle(tmp_path / "b")
-    (bundle / "models" / "model.pt").unlink()
-    source = tmp_path / "exported_elsewhere.onnx"
-    shutil.copy(calibrated_bundle / "models" / "model.onnx", source)
-    summary = _calibrate(bundle, SMALL_CT.parent, calib_num_patches=2, source_onnx=str(source))
-    assert summary["num_patches"] == 2 and (bundle / "models" / "model_int8.onnx").is_file()
-    with pytest.raises(Exception) as info:
-        _calibrate(copy_bundle(tmp_path / "c"), SMALL_CT.parent, calib_num_patches=2, source_onnx=str(small_fp32))
-    assert "3 classes" in str(_cause(info.value, ModelFileError))
-
-
 def test_calibration_roi_smaller_than_the_model_roi(calibrated_bundle, tmp_path):
     bundle = copy_bundle(tmp_path / "unet_int8")
-    summary = _calibrate(bundle, SMALL_CT.parent, calib_num_patches=2, calib_roi_size=[48, 48, 48])
+    summary = _quantize(bundle, SMALL_CT.parent, num_patches=2, heldout_patches=1, calibration_roi=[48, 48, 48])
     assert summary["calibration_roi"] == [48, 48, 48]
     int8 = onnx.load(str(bundle / "models" / "model_int8.onnx"))
     assert metadata(int8)["medptq.calibration_roi"] == "48x48x48"
     assert io_spec(int8).input_shape[2:] == (96, 96, 96)
     assert not list((bundle / "models").glob("*calibration*"))
-    with pytest.raises(Exception) as info:
-        _calibrate(bundle, SMALL_CT.parent, calib_num_patches=2, calib_roi_size=[128, 96, 96])
-    assert "at most roi_size" in str(_cause(info.value, CalibrationError))
-    with pytest.raises(Exception) as info:
-        _calibrate(bundle, SMALL_CT.parent, calib_num_patches=2, calib_roi_size=[48, 48, 48],
-                   source_onnx=str(calibrated_bundle / "models" / "model.onnx"))
-    assert "source_onnx" in str(_cause(info.value, CalibrationError))
+    assert summary["heldout_patches"] == 1 and summary["sqnr_db"] > 15, summary  # held out at the model's roi
+    before = (bundle / "models" / "model_int8.onnx").read_bytes()
+    with pytest.raises(CalibrationError, match="at most the roi"):
+        _quantize(bundle, SMALL_CT.parent, num_patches=2, calibration_roi=[128, 96, 96])
+    assert (bundle / "models" / "model_int8.onnx").read_bytes() == before

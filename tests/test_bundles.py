@@ -29,7 +29,7 @@ SMALL_BUNDLES = ("nnunet_int8", "segresnet_int8", "swinunetr_int8", "transunet_i
 # weigh more: measured 2.34x (full size: see reports/benchmark.md)
 MIN_SIZE_RATIO = {"nnunet_int8": 3.45, "segresnet_int8": 3.5, "vista3d_int8": 3.5, "swinunetr_int8": 2.3,
                   "transunet_int8": 3.5, "unest_int8": 3.5}
-FILE_SET = ("configs/inference.json", "configs/inference_fp32.json", "configs/calibrate.json",
+FILE_SET = ("configs/inference.json", "configs/inference_fp32.json", "configs/inference_int8.json",
             "configs/evaluate.json", "configs/train.json", "configs/metadata.json", "configs/logging.conf",
             "configs/small.json", "LICENSE", "docs/README.md", "large_files.yml", "models/small/model.pt")
 
@@ -90,13 +90,14 @@ def test_outputs_keep_the_input_geometry(fidelity):
 
 def test_monai_bundle_run_cli_on_small_ct(fidelity, tmp_path):
     bundle, _ = fidelity
-    configs = json.dumps([str(bundle / "configs" / c) for c in ("inference.json", "small.json")])
+    configs = json.dumps([str(bundle / "configs" / c) for c in ("inference.json", "small.json", "inference_int8.json")])
     proc = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle),
          "--dataset_dir", str(DATA / "images_small"), "--output_dir", str(tmp_path / "out")],
         cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"'engine': '{auto_engine()}', 'precision': 'int8'" in proc.stdout + proc.stderr
     (out,) = list((tmp_path / "out").rglob("*.nii.gz"))
     src = nib.load(str(DATA / "images_small" / "abdomen_ct_small.nii.gz"))
     seg = nib.load(str(out))
@@ -111,7 +112,8 @@ def test_small_model_int8_fidelity_on_the_avx2_path(fidelity, tmp_path):
     from medptq_monai.metrics import dice_per_class, mean_dice
 
     bundle, r = fidelity
-    log = int8_run_on_avx2(bundle, ["inference.json", "small.json"], DATA / "images", tmp_path / "i")
+    log = int8_run_on_avx2(bundle, ["inference.json", "small.json", "inference_int8.json"], DATA / "images",
+                           tmp_path / "i")
     assert "'isa': 'avx2'" in log and "'int8_model': 'saturation-safe (avx2)" in log, log[-2000:]
     (fp32,) = Path(r["outputs"]["fp32"]).rglob("*.nii.gz")
     (int8,) = (tmp_path / "i").rglob("*.nii.gz")

@@ -36,12 +36,14 @@ def test_missing_model_file_is_one_clear_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("medptq: error: ONNX model not found")
 
 
-def test_calibrate_rejects_unknown_calibrator_and_empty_data(calibrated_bundle, tmp_path):
-    proc = _medptq("calibrate", str(calibrated_bundle), str(DATA / "images_small"), "--calibrator", "kl")
+def test_quantize_rejects_unknown_calibrator_and_empty_data(calibrated_bundle, tmp_path):
+    before = {p.name: p.read_bytes() for p in (calibrated_bundle / "models").iterdir()}
+    proc = _medptq("quantize", str(calibrated_bundle), "--dataset_dir", str(DATA / "images_small"), "--calibrator", "kl")
     assert proc.returncode == 2 and "unknown calibrator 'kl'" in proc.stderr
     (tmp_path / "empty").mkdir()
-    proc = _medptq("calibrate", str(calibrated_bundle), str(tmp_path / "empty"))
+    proc = _medptq("quantize", str(calibrated_bundle), "--dataset_dir", str(tmp_path / "empty"))
     assert proc.returncode == 2 and "no NIfTI files" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (calibrated_bundle / "models").iterdir()} == before
 
 
 def test_bench_rejects_unknown_engine_and_bundle():

@@ -227,14 +227,15 @@ def test_import_results_folder_gives_a_running_bundle(tmp_path):
     assert meta["nnunet"]["checkpoint_sha256"] == summary["checkpoint_sha256"]
     inference = json.loads((dest / "configs" / "inference.json").read_text())
     assert inference["configuration"] == "3d_fullres" and inference["label_map"] is None
+    assert (dest / "configs" / "inference_int8.json").is_file()  # the same INT8 overlay as every bundle
 
-    # MONAI's own runner, FP32 torch engine: the output keeps the input's shape and affine
+    # MONAI's own runner, the bundle's plain inference.json (FP32 torch): the output keeps the input's shape and affine
     out = tmp_path / "seg"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(dest / "configs" / "inference.json"),
-         "--bundle_root", str(dest), "--dataset_dir", str(SMALL_CT.parent), "--output_dir", str(out), "--engine", "torch",
-         "--precision", "fp32", "--inferer#progress", "False"],
+         "--bundle_root", str(dest), "--dataset_dir", str(SMALL_CT.parent), "--output_dir", str(out),
+         "--inferer#progress", "False"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     seg, src = nib.load(str(out / "abdomen_ct_small_seg.nii.gz")), nib.load(str(SMALL_CT))

@@ -34,12 +34,16 @@ def test_unknown_calibrator_lists_the_registered_ones():
 
 
 def test_one_default_calibrator_everywhere():
-    import inspect
+    from medptq_monai.bundle.bundle_config import read_bundle
+    from medptq_monai.bundle.quantize_bundle import bundle_quantization
 
-    from medptq_monai.bundle.calibration import BundleCalibrator
+    from conftest import ROOT
 
     assert QuantizeOptions().calibrator == DEFAULT_CALIBRATOR in CALIBRATORS
-    assert inspect.signature(BundleCalibrator).parameters["calibrator"].default == DEFAULT_CALIBRATOR
+    # a bundle whose metadata names no calibrator gets the default, as QuantizeOptions does
+    bundle = read_bundle(ROOT / "tests" / "zoo_bundles" / "ct_unet_prelu")
+    assert "quantization" not in bundle.parser.get("_meta_")
+    assert bundle_quantization(bundle).options.calibrator == DEFAULT_CALIBRATOR
 
 
 def test_names_are_registered_once():

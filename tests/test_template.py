@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from medptq_monai.bundle.template import (
-    INFERENCE, OWN_IDS, SHARED_FILES, main, nnunet_ids, own_ids, render_bundle, rendered_files, stale_files,
+    INFERENCE, OVERLAY, OWN_IDS, SHARED_FILES, main, nnunet_ids, own_ids, render_bundle, rendered_files, stale_files,
     template_json,
 )
 from medptq_monai.errors import BundleConfigError
@@ -33,6 +33,23 @@ def test_committed_bundle_is_the_template_rendering(bundle):
     inference = json.loads((bundle / INFERENCE).read_text())
     assert inference["bundle_root"] == ".", "bundle_root is '.', overridden by the caller as in the zoo"
     assert "bundle_root()" not in (bundle / INFERENCE).read_text()
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_bundle_is_an_ordinary_fp32_bundle_plus_the_quantize_overlay(bundle):
+    """inference.json alone is plain MONAI FP32 (network_def on the device, a CheckpointLoader); the INT8 overlay
+    is byte for byte what ``medptq quantize`` writes for this bundle."""
+    from medptq_monai.bundle.bundle_config import read_bundle
+    from medptq_monai.bundle.overlay import overlay_text, render_overlay
+
+    inference = json.loads((bundle / INFERENCE).read_text())
+    assert inference["network"] == "$@network_def.to(@device)"
+    assert inference["checkpointloader"]["_target_"] == "CheckpointLoader" and "@checkpointloader" in inference["handlers"]
+    assert not {"engine", "precision", "model_file"} & set(inference)
+    parsed = read_bundle(bundle)
+    assert (bundle / OVERLAY).read_text() == overlay_text(
+        render_overlay(None, has_device=parsed.has("device"), has_models_dir=parsed.has("models_dir")))
+    assert not (bundle / "configs" / "calibrate.json").exists()
 
 
 def test_bundles_keep_only_what_differs():
@@ -97,5 +114,5 @@ def test_template_ships_in_the_wheel(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["file"].startswith(str(site))
-    assert sorted(out["files"]) == sorted([*SHARED_FILES, INFERENCE])
+    assert sorted(out["files"]) == sorted([*SHARED_FILES, INFERENCE, OVERLAY])
     assert out["files"] == rendered_files(nnunet_ids())

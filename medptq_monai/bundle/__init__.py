@@ -1,7 +1,6 @@
-"""MONAI bundle components: engine-backed network, transforms, calibration workflow, quantizing any bundle."""
+"""MONAI bundle components: engine-backed network, transforms, quantizing any bundle and its INT8 overlay."""
 
 from ..export.torch_export import load_checkpoint
-from .calibration import BundleCalibrator, capped_roi
 from .network import EngineNetwork
 from .overlay import SourceCheckedEngineNetwork
 from .paths import list_images, paired_datalist
@@ -9,14 +8,12 @@ from .quantize_bundle import quantize_bundle
 from .transforms import LoadNiftid, RemapLabelsd, SaveLabeld, ValidateImaged
 
 __all__ = [
-    "BundleCalibrator",
     "EngineNetwork",
     "LoadNiftid",
     "RemapLabelsd",
     "SaveLabeld",
     "SourceCheckedEngineNetwork",
     "ValidateImaged",
-    "capped_roi",
     "load_checkpoint",
     "list_images",
     "paired_datalist",

@@ -14,11 +14,7 @@ from ..export.onnx_model import load_onnx
 
 logger = logging.getLogger(__name__)
 
-CALIBRATE_HINT = (
-    "create it with: python -m monai.bundle run --config_file "
-    "\"['<bundle>/configs/inference.json','<bundle>/configs/calibrate.json']\" --bundle_root <bundle> "
-    "--dataset_dir <CT folder> (a bundle with bundle_root '.' run from another folder needs --bundle_root)"
-)
+CALIBRATE_HINT = "create it with: medptq quantize <bundle> --dataset_dir <image folder>"
 
 
 class EngineNetwork(torch.nn.Module):

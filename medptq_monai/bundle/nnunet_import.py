@@ -249,7 +249,7 @@ def _write_bundle(tmp: Path, results: Path, plan: NNUNetPlan, info: DatasetInfo,
             f"nnU-Net v2 {plan.network_class_name.rsplit('.', 1)[-1]} imported from the results folder {origin} by "
             "medptq import_nnunet: the plans' network (configs/plans.json, configuration "
             f"{plan.configuration!r}) with its trained weights (models/model.pt), nnU-Net's preprocessing "
-            "reproduced in MONAI; calibrate with configs/calibrate.json to get the INT8 QDQ ONNX."
+            "reproduced in MONAI; `medptq quantize` writes the INT8 QDQ ONNX and configs/inference_int8.json."
         ),
         "data_source": f"nnU-Net v2 results folder {results.name} of {meta_extra['dataset_name']}",
         "image_classes": (f"{info.channel_names[0]} in Hounsfield units, clipped to [{norm['lower']:g}, "
@@ -291,15 +291,15 @@ def _readme(results: Path, plan: NNUNetPlan, info: DatasetInfo, meta_extra: dict
         f"`{plan.configuration}`. `label_map` is `null`: labels for evaluation and training are read in this "
         "dataset's own class indices.\n\n"
         "## Use\n\n"
-        "Calibrate (writes `models/model.onnx` and `models/model_int8.onnx`), then segment with the INT8 engine "
-        "(`--engine`, `--precision fp32` for the FP32 ONNX):\n\n"
+        "Quantize (writes `models/model.onnx`, `models/model_int8.onnx` and the overlay "
+        "`configs/inference_int8.json`), then segment with the INT8 engine (`--engine`, `--precision fp32` for the "
+        "FP32 ONNX); `configs/inference.json` alone is the FP32 torch model:\n\n"
         "```bash\n"
-        f"python -m monai.bundle run --config_file \"['{name}/configs/inference.json','{name}/configs/calibrate.json']\" "
-        f"--bundle_root {name} --dataset_dir CALIBRATION_CT_DIR\n"
-        f"python -m monai.bundle run --config_file {name}/configs/inference.json --bundle_root {name} "
-        "--dataset_dir CT_DIR --output_dir OUT\n"
+        f"medptq quantize {name} --dataset_dir CALIBRATION_CT_DIR\n"
+        f"python -m monai.bundle run --config_file \"['{name}/configs/inference.json','{name}/configs/inference_int8.json']\" "
+        f"--bundle_root {name} --dataset_dir CT_DIR --output_dir OUT\n"
         "```\n\n"
-        "`configs/evaluate.json` (after `inference.json`) reports Dice against `dataset_dir/labels`; "
+        "`configs/evaluate.json` (after those configs) reports Dice against `dataset_dir/labels`; "
         "`medptq sensitivity` lists the layers to keep in float (metadata `quantization.float_layers`).\n"
     )
 

@@ -12,6 +12,7 @@ a silent switch to FP32 weights or a stale INT8 model.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import BundleConfigError, ModelFileError
+from ..export.onnx_model import load_onnx, metadata
 from .bundle_config import IN_CHANNELS_ID, OUT_CHANNELS_ID
 from .network import EngineNetwork
 
@@ -30,6 +32,7 @@ FP32_NAME = "model.onnx"
 INT8_NAME = "model_int8.onnx"
 NETWORK_TARGET = "medptq_monai.bundle.overlay.SourceCheckedEngineNetwork"
 OVERLAY_IDS = ("engine", "precision", "engine_model_file")  # the ids the overlay adds beside ``network``
+DIGEST_KEY = "medptq.source_digest"  # metadata_props key: state_digest of the checkpoint a model was made from
 
 
 def unwrap_state(state: Any) -> Any:
@@ -57,8 +60,9 @@ def state_digest(state: Mapping[str, Any]) -> str:
 
 
 class SourceCheckedEngineNetwork(EngineNetwork):
-    """``EngineNetwork`` that knows the checkpoint its model was quantized from (``source_digest``,
-    a ``state_digest``) and accepts exactly that state dict from the bundle's checkpoint loaders.
+    """``EngineNetwork`` that knows the checkpoint its model was quantized from (``source_digest``, a
+    ``state_digest``; by default the model file's ``medptq.source_digest``) and accepts exactly that state
+    dict from the bundle's checkpoint loaders.
 
     ``load_state_dict`` never changes what runs: the matching checkpoint is acknowledged, a
     different one raises ``ModelFileError`` (re-run ``medptq quantize``). ``engine='torch'`` is
@@ -74,7 +78,7 @@ class SourceCheckedEngineNetwork(EngineNetwork):
             raise ModelFileError(f"model file not found: {model_file}; create it with: medptq quantize <bundle>")
         super().__init__(model_file, engine=engine, **kwargs)
         self.model_file = str(model_file)
-        self.source_digest = source_digest
+        self.source_digest = source_digest or metadata(load_onnx(model_file, load_weights=False)).get(DIGEST_KEY)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Check ``state_dict`` against the quantized model's source checkpoint; the engine is kept."""
@@ -104,17 +108,21 @@ def int8_configs(bundle_dir: str | os.PathLike) -> tuple[str, ...]:
     return ("inference.json", OVERLAY_NAME) if os.path.isfile(overlay) else ("inference.json",)
 
 
-def render_overlay(
-    source_digest: str,
-    roi_size: Sequence[int] | None,
-    has_device: bool,
-) -> dict[str, Any]:
+def overlay_text(overlay: Mapping[str, Any]) -> str:
+    """The overlay file's text (one formatting for ``medptq quantize`` and the bundle template)."""
+    return json.dumps(overlay, indent=4) + "\n"
+
+
+def render_overlay(roi_size: Sequence[int] | None, has_device: bool, has_models_dir: bool) -> dict[str, Any]:
     """The overlay config. ``roi_size`` ``None`` means the bundle's ``inferer#roi_size`` is referenced (so a
-    changed inferer roi is caught when the network is built); otherwise the given roi is written."""
+    changed inferer roi is caught when the network is built); otherwise the given roi is written. The model
+    files are read from the bundle's ``models_dir`` id when it has one (so a config such as a small-model
+    overlay that moves ``models_dir`` moves the INT8 files too), else from ``<bundle_root>/models``."""
+    models = "@models_dir + '/'" if has_models_dir else "@bundle_root + '/models/'"
     return {
         "engine": "auto",
         "precision": "int8",
-        "engine_model_file": f"$@bundle_root + '/models/' + ('{INT8_NAME}' if @precision == 'int8' else '{FP32_NAME}')",
+        "engine_model_file": f"${models} + ('{INT8_NAME}' if @precision == 'int8' else '{FP32_NAME}')",
         "network": {
             "_target_": NETWORK_TARGET,
             "model_file": "@engine_model_file",
@@ -124,7 +132,6 @@ def render_overlay(
             "in_channels": f"@{IN_CHANNELS_ID}",
             "num_classes": f"@{OUT_CHANNELS_ID}",
             "roi_size": "@inferer#roi_size" if roi_size is None else [int(r) for r in roi_size],
-            "source_digest": source_digest,
             "cache_dir": "$@bundle_root + '/.cache'",
         },
     }

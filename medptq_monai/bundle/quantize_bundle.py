@@ -10,13 +10,13 @@ was: the three files are built in a scratch folder and moved into place together
 
 from __future__ import annotations
 
-import json
 import copy
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,12 @@ from ..machine import PeakRSS
 from ..metrics import sqnr_db
 from .bundle_config import BundleConfig, importable_scripts, inferer_roi, meta_channels, read_bundle
 from .overlay import (
-    FP32_NAME, INT8_NAME, OVERLAY_IDS, OVERLAY_NAME, render_overlay, state_digest, unwrap_state,
+    DIGEST_KEY, FP32_NAME, INT8_NAME, OVERLAY_IDS, OVERLAY_NAME, overlay_text, render_overlay, state_digest, unwrap_state,
 )
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT = "models/model.pt"
+CHECKPOINT_NAME = "model.pt"
 
 
 def quantize_bundle(
@@ -50,12 +50,13 @@ def quantize_bundle(
     meta_file: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     roi_size: Sequence[int] | None = None,
-    calibrator: str = DEFAULT_CALIBRATOR,
-    num_patches: int = 32,
-    seed: int = 0,
-    exclude: Sequence[str] = (),
+    calibrator: str | None = None,
+    num_patches: int | None = None,
+    seed: int | None = None,
+    exclude: Sequence[str] | str | None = None,
     heldout_patches: int = 4,
     progress: bool = True,
+    calibration_roi: Sequence[int] | None = None,
     **overrides: Any,
 ) -> dict:
     """Quantize the bundle at ``bundle_dir`` to INT8 and write its overlay; returns a summary.
@@ -63,22 +64,24 @@ def quantize_bundle(
     ``config_file``: the bundle's inference config(s), default ``configs/inference.json`` (or .yaml);
     a list is merged in order, as ``monai.bundle run`` does. ``overrides`` replace config ids before
     anything is built (``dataset_dir=...``, ``datalist=...``, ``data_list_file_path=...``).
-    ``checkpoint`` defaults to ``models/model.pt``; ``roi_size`` to ``inferer#roi_size``.
+    ``checkpoint`` defaults to ``model.pt`` in the bundle's ``models_dir`` (``models/`` when it has none), where
+    the ONNX files are written; ``roi_size`` defaults to ``inferer#roi_size``.
     ``exclude``: ``fnmatch`` patterns over ONNX node names kept in float (a list, or comma-separated).
+    ``calibration_roi``: calibrate a second export at this smaller patch size and apply its ranges (memory).
+    ``calibrator``, ``num_patches``, ``seed``, ``exclude`` and ``calibration_roi`` default to the bundle's
+    metadata ``quantization`` section (see ``bundle_quantization``), else to medptq's defaults.
     ``heldout_patches`` extra patches are drawn with the same seed but kept out of calibration: the
     summary's SQNR (INT8 vs FP32 logits, dB) is measured on them.
     """
     start = time.perf_counter()
-    patterns = str(exclude).split(",") if isinstance(exclude, str) else [str(p) for p in exclude]
-    options = QuantizeOptions(calibrator=calibrator, seed=int(seed), exclude=tuple(p for p in patterns if p))
-    if int(num_patches) < 1 or int(heldout_patches) < 0:
-        raise CalibrationError(f"num_patches must be >= 1 and heldout_patches >= 0, got {num_patches} and "
-                               f"{heldout_patches}")
+    if int(heldout_patches) < 0:
+        raise CalibrationError(f"heldout_patches must be >= 0, got {heldout_patches}")
     with PeakRSS() as memory:
         bundle = read_bundle(bundle_dir, config_file, meta_file, **overrides)
+        settings = bundle_quantization(bundle, calibrator=calibrator, num_patches=num_patches, seed=seed,
+                                       exclude=exclude, calibration_roi=calibration_roi)
         with importable_scripts(bundle.root):
-            summary = _quantize(bundle, checkpoint, roi_size, options, int(num_patches), int(heldout_patches),
-                                progress, overrides)
+            summary = _quantize(bundle, checkpoint, roi_size, settings, int(heldout_patches), progress, overrides)
     summary["bundle"] = os.fspath(bundle_dir)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     summary["peak_rss_bytes"] = int(memory.peak)
@@ -86,9 +89,68 @@ def quantize_bundle(
     return summary
 
 
+@dataclass
+class Settings:
+    """How a bundle is quantized: the options, the patch count and the calibration patch size cap."""
+
+    options: QuantizeOptions
+    num_patches: int
+    max_calibration_roi: int | None = None
+    calibration_roi: tuple[int, ...] | None = None
+
+
+def bundle_quantization(bundle: BundleConfig, calibrator: str | None = None, num_patches: int | None = None,
+                        seed: int | None = None, exclude: Sequence[str] | str | None = None,
+                        calibration_roi: Sequence[int] | None = None) -> Settings:
+    """Quantization settings: each given argument, else the bundle metadata's ``quantization`` section
+    (``calibrator``, ``calibration_patches``, ``seed``, ``float_layers``, ``quantize_attention``,
+    ``percentile``, ``calibration_max_roi``), else medptq's defaults. Bad values raise ``CalibrationError``."""
+    meta = bundle.parser.get("_meta_::quantization", {}) if bundle.has("_meta_::quantization") else {}
+    if not isinstance(meta, Mapping):
+        raise BundleConfigError(f"{bundle.meta_file}: `quantization` must be an object, got {type(meta).__name__}")
+    if exclude is None:
+        exclude = meta.get("float_layers", ())
+    patterns = str(exclude).split(",") if isinstance(exclude, str) else [str(p) for p in exclude]
+    count = meta.get("calibration_patches", 32) if num_patches is None else num_patches
+    try:
+        count, seed = int(count), int(meta.get("seed", 0) if seed is None else seed)
+    except (TypeError, ValueError) as err:
+        raise CalibrationError(f"num_patches and seed must be integers, got {count!r} and {seed!r}") from err
+    if count < 1:
+        raise CalibrationError(f"num_patches must be >= 1, got {count}")
+    options = QuantizeOptions(
+        calibrator=str(calibrator or meta.get("calibrator", DEFAULT_CALIBRATOR)), seed=seed,
+        percentile=float(meta.get("percentile", QuantizeOptions.percentile)),
+        exclude=tuple(p for p in patterns if p),
+        quantize_activation_matmul=bool(meta.get("quantize_attention", False)),
+    )
+    cap = meta.get("calibration_max_roi")
+    roi = tuple(int(r) for r in calibration_roi) if calibration_roi is not None else None
+    return Settings(options, count, int(cap) if cap is not None else None, roi)
+
+
+def models_dir(bundle: BundleConfig) -> Path:
+    """Where the bundle's weights and ONNX files live: its ``models_dir`` id when it has one, else ``models/``."""
+    if bundle.has("models_dir"):
+        value = bundle.parsed("models_dir", "the folder of the bundle's weights")
+        if not isinstance(value, (str, os.PathLike)):
+            raise BundleConfigError(f"`models_dir` in {bundle.where()} must be a path, got {value!r}")
+        return Path(value)
+    return bundle.root / "models"
+
+
+def _calibration_roi(settings: Settings, roi: Sequence[int]) -> tuple[int, ...]:
+    """The calibration patch size: the explicit one, else ``roi`` capped at the metadata's maximum; checked."""
+    calib = settings.calibration_roi or tuple(int(r) if settings.max_calibration_roi is None
+                                              else min(int(r), settings.max_calibration_roi) for r in roi)
+    if len(calib) != len(roi) or any(c <= 0 or c > r for c, r in zip(calib, roi)):
+        raise CalibrationError(f"calibration_roi {list(calib)} must have one positive size per axis, each at most "
+                               f"the roi {list(roi)}")
+    return tuple(calib)
+
+
 def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_size: Sequence[int] | None,
-              options: QuantizeOptions, num_patches: int, heldout: int, progress: bool,
-              overrides: Mapping[str, Any]) -> dict:
+              settings: Settings, heldout: int, progress: bool, overrides: Mapping[str, Any]) -> dict:
     bundle.require("network_def", "the network to quantize")
     bundle.require("dataset", "the calibration data, through the bundle's own preprocessing")
     in_channels, num_classes = meta_channels(bundle)
@@ -96,7 +158,9 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
     if clashes:
         logger.warning("the bundle config already defines %s; configs/%s will override them", clashes, OVERLAY_NAME)
     roi, roi_from_inferer = inferer_roi(bundle, roi_size)
-    ckpt = Path(checkpoint) if checkpoint is not None else bundle.root / DEFAULT_CHECKPOINT
+    calib_roi = _calibration_roi(settings, roi)
+    models = models_dir(bundle)
+    ckpt = Path(checkpoint) if checkpoint is not None else models / CHECKPOINT_NAME
     if not ckpt.is_file():
         raise ModelFileError(f"checkpoint not found: {ckpt} (the bundle's weights; pass --checkpoint FILE)")
     network = bundle.parsed("network_def", "the network to quantize")
@@ -106,24 +170,35 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
     dataset = bundle.parsed("dataset", "the calibration data, through the bundle's own preprocessing")
     _check_not_empty(dataset, bundle)
     image_key = _image_key(bundle)
-    plan = PatchPlan(roi_size=roi, num_patches=num_patches + heldout, seed=options.seed)
+    options, num_patches = settings.options, settings.num_patches
+    same_roi = calib_roi == tuple(roi)
+    plan = PatchPlan(roi_size=calib_roi, num_patches=num_patches + (heldout if same_roi else 0), seed=options.seed)
 
-    models = bundle.root / "models"
     scratch_parent = models if models.is_dir() else bundle.root
     with tempfile.TemporaryDirectory(prefix=".quantizing-", dir=scratch_parent) as scratch:
         fp32, int8 = Path(scratch) / FP32_NAME, Path(scratch) / INT8_NAME
-        _export(network, fp32, ckpt, in_channels, num_classes, roi, bundle)
+        _export(network, fp32, ckpt, in_channels, num_classes, roi, bundle, digest)
+        calibration_model = None
+        if not same_roi:  # ranges from a smaller export of the same network: calibration memory scales with the patch
+            calibration_model = Path(scratch) / "calibration_roi.onnx"
+            _export(network, calibration_model, ckpt, in_channels, num_classes, calib_roi, bundle, digest)
         del network  # and the parser's cached instance: the FP32 weights are not kept through calibration
         bundle.parser.ref_resolver.remove_resolved_content("network_def")
         volumes = _volumes(dataset, image_key, in_channels, bundle)
-        split = HeldBack(sample_patches(volumes, plan, num_volumes=len(dataset)), plan.num_patches, heldout)
+        split = HeldBack(sample_patches(volumes, plan, num_volumes=len(dataset)), plan.num_patches,
+                         heldout if same_roi else 0)
         with tqdm(total=num_patches, desc=f"calibrating ({options.calibrator})", unit="patch",
                   disable=not progress) as bar:
             result = quantize_onnx(fp32, int8, split, options, source_sha256=sha256_file(ckpt),
-                                   on_patch=lambda _n: bar.update(1))
-        overlay = render_overlay(digest, None if roi_from_inferer else roi, bundle.has("device"))
+                                   on_patch=lambda _n: bar.update(1), calibration_model=calibration_model)
+        if calibration_model is not None:
+            calibration_model.unlink()
+            held_plan = PatchPlan(roi_size=roi, num_patches=heldout, seed=options.seed + 1)
+            split.held = list(sample_patches(_volumes(dataset, image_key, in_channels, bundle), held_plan,
+                                             num_volumes=len(dataset))) if heldout else []
+        overlay = render_overlay(None if roi_from_inferer else roi, bundle.has("device"), bundle.has("models_dir"))
         sqnr, engine = _heldout_sqnr(bundle, overlay, overrides, fp32, int8, split.held)
-        _commit(bundle.root, fp32, int8, overlay)
+        _commit(bundle.root, models, fp32, int8, overlay)
     fp32_final, int8_final = models / FP32_NAME, models / INT8_NAME
     fp32_bytes, int8_bytes = fp32_final.stat().st_size, int8_final.stat().st_size
     return {
@@ -138,6 +213,7 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
         "in_channels": in_channels,
         "num_classes": num_classes,
         "roi_size": list(roi),
+        "calibration_roi": list(calib_roi),
         "calibrator": options.calibrator,
         "num_patches": result.num_patches,
         "seed": options.seed,
@@ -221,11 +297,11 @@ def _image_key(bundle: BundleConfig) -> str:
 
 
 def _export(network: torch.nn.Module, dest: Path, ckpt: Path, in_channels: int, num_classes: int,
-            roi: Sequence[int], bundle: BundleConfig) -> None:
+            roi: Sequence[int], bundle: BundleConfig, digest: str) -> None:
     """FP32 ONNX of ``network`` + ``ckpt`` at ``[N, in_channels, *roi]``; disagreement with the metadata raises."""
     target = bundle.parser.get("network_def#_target_", "?")
     try:
-        export_fp32(network, dest, in_channels, roi, checkpoint=ckpt)
+        export_fp32(network, dest, in_channels, roi, checkpoint=ckpt, metadata={DIGEST_KEY: digest})
     except MedPTQError:
         raise
     except Exception as err:
@@ -295,12 +371,11 @@ def _heldout_sqnr(bundle: BundleConfig, overlay: dict, overrides: Mapping[str, A
     return round(sqnr_db(np.concatenate(outputs[0]), np.concatenate(outputs[1])), 2), engine
 
 
-def _commit(root: Path, fp32: Path, int8: Path, overlay: dict) -> None:
-    """Move the scratch models into ``models/`` and write the overlay (each step atomic)."""
-    models = root / "models"
-    models.mkdir(exist_ok=True)
+def _commit(root: Path, models: Path, fp32: Path, int8: Path, overlay: dict) -> None:
+    """Move the scratch models into ``models`` and write the overlay (each step atomic)."""
+    models.mkdir(parents=True, exist_ok=True)
     for tmp, name in ((fp32, FP32_NAME), (int8, INT8_NAME)):
         os.chmod(tmp, 0o644)
         os.replace(tmp, models / name)
     (root / "configs").mkdir(exist_ok=True)
-    write_text_atomic(root / "configs" / OVERLAY_NAME, json.dumps(overlay, indent=4) + "\n")
+    write_text_atomic(root / "configs" / OVERLAY_NAME, overlay_text(overlay))

@@ -1,11 +1,14 @@
 """The one bundle template behind our seven bundles and ``medptq import_nnunet``.
 
 The template (package data in ``template_files/``, so it ships in the wheel) holds what every medptq
-bundle shares: ``LICENSE``, ``configs/{calibrate,evaluate,inference_fp32,train}.json``,
-``configs/logging.conf`` (copied byte for byte) and ``configs/inference.json`` (an ordinary MONAI
-inference config, ``bundle_root`` ``"."``). A bundle keeps only what differs: the values of the
-ids in ``OWN_IDS`` (network, roi, spacing, window, labels, ...) and ids of its own that the template
-lacks, in its ``configs/inference.json``; plus its metadata, docs, weights and extra overlays.
+bundle shares: ``LICENSE``, ``configs/{evaluate,inference_fp32,train}.json``, ``configs/logging.conf``
+(copied byte for byte) and ``configs/inference.json``: an ordinary FP32 MONAI inference config
+(``network`` is ``network_def`` on ``device``, a ``CheckpointLoader`` loads ``models_dir/model.pt``,
+``bundle_root`` ``"."``). ``configs/inference_int8.json`` is the same overlay ``medptq quantize`` writes for
+any bundle (``overlay.render_overlay``): our bundles are ordinary bundles plus that overlay. A bundle
+keeps only what differs: the values of the ids in ``OWN_IDS`` (network, roi, spacing, window, labels,
+...) and ids of its own that the template lacks, in its ``configs/inference.json``; plus its metadata,
+docs, weights and extra overlays.
 
 ``render_bundle`` writes a bundle from the template and its own ids; ``stale_files`` re-renders in
 memory and names every file that differs from what is on disk. After editing the template::
@@ -27,12 +30,15 @@ from typing import Any
 
 from ..errors import BundleConfigError
 from ..fileio import write_text_atomic
+from .overlay import OVERLAY_NAME, overlay_text, render_overlay
 
 TEMPLATE = files("medptq_monai.bundle") / "template_files"
 #: copied unchanged into every bundle
-SHARED_FILES = ("LICENSE", "configs/calibrate.json", "configs/evaluate.json", "configs/inference_fp32.json",
-                "configs/train.json", "configs/logging.conf")
+SHARED_FILES = ("LICENSE", "configs/evaluate.json", "configs/inference_fp32.json", "configs/train.json",
+                "configs/logging.conf")
 INFERENCE = "configs/inference.json"
+#: the INT8 overlay, rendered as ``medptq quantize`` renders it for a bundle with ``device`` and ``models_dir``
+OVERLAY = f"configs/{OVERLAY_NAME}"
 #: template ids a bundle may give its own value (everything else in inference.json is the template's)
 OWN_IDS = ("roi_size", "pixdim", "hu_window", "label_map", "network_def", "preprocessing", "sw_batch_size",
            "inferer", "max_epochs", "learning_rate", "num_samples", "train_memory_format")
@@ -89,6 +95,7 @@ def rendered_files(own: Mapping[str, Any]) -> dict[str, str]:
     """Relative path -> text of every template-made file of a bundle with ``own`` ids."""
     texts = {name: template_text(name) for name in SHARED_FILES}
     texts[INFERENCE] = json.dumps(render_inference(own), indent=4) + "\n"
+    texts[OVERLAY] = overlay_text(render_overlay(None, has_device=True, has_models_dir=True))
     return texts
 
 
@@ -117,8 +124,8 @@ def stale_files(bundle_dir: str | os.PathLike) -> list[str]:
 
 
 def is_template_bundle(bundle_dir: str | os.PathLike) -> bool:
-    """Whether ``bundle_dir`` was made from this template (it carries the template's calibration overlay)."""
-    return (Path(bundle_dir) / "configs" / "calibrate.json").is_file()
+    """Whether ``bundle_dir`` was made from this template (it carries every file the template shares)."""
+    return all((Path(bundle_dir) / name).is_file() for name in SHARED_FILES)
 
 
 def _read_inference(root: Path) -> dict[str, Any]:

@@ -4,9 +4,8 @@ MONAI Label's stock ``BundleInferTask`` builds ``network_def`` and loads ``model
 itself, so an INT8 bundle would silently run FP32. This task instead instantiates the bundle's
 ``network`` component (the INT8 or FP32 engine) with ``bundle_root`` set to the bundle folder, and
 runs the bundle's own ``preprocessing``, ``inferer`` and ``postprocessing`` (minus its file writers;
-MONAI Label writes the result). Any quantized bundle is served: one whose ``configs/inference.json``
-defines the engine network (ours), or any MONAI bundle with the overlay ``configs/inference_int8.json``
-written by ``medptq quantize`` (merged after ``inference.json``).
+MONAI Label writes the result). Any quantized bundle is served: any MONAI bundle (ours included) with the
+overlay ``configs/inference_int8.json`` written by ``medptq quantize``, merged after ``inference.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from monailabel.utils.others.generic import name_to_device
 from ..bundle.overlay import OVERLAY_NAME, int8_configs
 from ..bundle.runner import bundle_parser
 from ..engines import check_engine_name, check_precision
+from ..errors import BundleConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,9 @@ class EngineInferTask(BasicInferTask):
         self.bundle = Path(bundle).resolve()
         self.overrides: dict[str, Any] = {"engine": check_engine_name(engine), "precision": check_precision(precision)}
         self.config_files = tuple(config_files) if config_files is not None else int8_configs(self.bundle)
-        # the overlay names the model file engine_model_file; our bundles' inference.json names it model_file
-        self._model_file_id = "engine_model_file" if OVERLAY_NAME in self.config_files else "model_file"
+        if OVERLAY_NAME not in self.config_files:
+            raise BundleConfigError(f"{self.bundle} has no configs/{OVERLAY_NAME}: quantize it first with "
+                                    f"medptq quantize {self.bundle} --dataset_dir <image folder>")
         if str(self.bundle) not in sys.path:  # bundles with a ``scripts`` package, like ``monai.bundle run``
             sys.path.insert(0, str(self.bundle))
         self.parser = self._parser()
@@ -111,7 +112,7 @@ class EngineInferTask(BasicInferTask):
         self._post = [t for t in post.transforms if not type(t).__name__.startswith("Save")]
         self._hidden_keys = _map_keys(self._pre + self._post)
         super().__init__(
-            path=str(self.parser.get_parsed_content(self._model_file_id)),
+            path=str(self.parser.get_parsed_content("engine_model_file")),
             network=None,
             type=InferType.SEGMENTATION,
             labels=labels,
@@ -132,7 +133,7 @@ class EngineInferTask(BasicInferTask):
 
     def is_valid(self) -> bool:
         path = self.get_path(validate=False)
-        return self.overrides["engine"] == "torch" or bool(path and os.path.isfile(path))
+        return bool(path and os.path.isfile(path))
 
     def pre_transforms(self, data: Mapping | None = None) -> Sequence[Callable]:
         image = (data or {}).get("image")

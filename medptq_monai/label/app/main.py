@@ -20,6 +20,7 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.utils.others.generic import strtobool
 
+from medptq_monai.errors import BundleConfigError
 from medptq_monai.label.infer_task import EngineInferTask
 
 logger = logging.getLogger(__name__)
@@ -75,10 +76,13 @@ class MedPTQApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         tasks: dict[str, InferTask] = {}
         for name, bundle in self.bundles.items():
-            tasks[name] = EngineInferTask(bundle, precision="int8", engine=self.engine)
-            if self.serve_fp32:
-                tasks[f"{name}_fp32"] = EngineInferTask(bundle, precision="fp32", engine=self.engine)
+            try:
+                tasks[name] = EngineInferTask(bundle, precision="int8", engine=self.engine)
+                if self.serve_fp32:
+                    tasks[f"{name}_fp32"] = EngineInferTask(bundle, precision="fp32", engine=self.engine)
+            except BundleConfigError as err:
+                logger.warning("%s is not served: %s", name, err)
         for name, task in tasks.items():
             if not task.is_valid():
-                logger.warning("%s is not served: %s missing (quantize or calibrate the bundle first)", name, task.get_path(False))
+                logger.warning("%s is not served: %s missing (quantize the bundle first)", name, task.get_path(False))
         return tasks
