@@ -294,7 +294,11 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     temp_dir = f"/tmp/ray_{uuid.uuid4().hex[:8]}"
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # loopback only: no token auth (Ray 2.60 turns it on when ~/.ray/auth_token exists, e.g. after a local
+    # ray.init, and then a driver without the token is refused)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
+    os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ)
     ray_bin = str(Path(sys.executable).with_name("ray"))
     proc = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                            "--num-cpus", "2", "--include-dashboard=false", "--object-store-memory", "80000000",
@@ -305,6 +309,11 @@ def ray_cluster():
         yield f"127.0.0.1:{port}"
     finally:
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         procs = _cluster_processes(temp_dir)
         for p in procs:
             try:

@@ -20,6 +20,7 @@ from .sources import Case
 
 RAY_PIN = "ray==2.60.0"
 CONNECT_TIMEOUT_S = 20.0
+LOCAL_OBJECT_STORE_BYTES = 256 << 20  # tasks pass paths and rows, never volumes
 
 
 def import_ray() -> Any:
@@ -55,14 +56,19 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
         except OSError as err:
             raise ClusterError(f"no Ray cluster answers at {address} ({err}); start one with `ray start --head` or "
                                "check the address") from err
+    if address == "local":
+        # in this thread: Ray ties the processes it starts to the life of the thread that starts them
+        try:
+            ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                     logging_level="WARNING", log_to_driver=False)
+        except Exception as err:
+            raise ClusterError(f"cannot start a local Ray instance: {type(err).__name__}: {err}") from err
+        return ray
     outcome: dict[str, Any] = {}
 
     def init() -> None:
         try:
-            if address == "local":
-                ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-            else:
-                ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
             outcome["ok"] = True
         except BaseException as err:  # reported below
             outcome["error"] = err

@@ -48,8 +48,8 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     lines = [
         f"medptq infer: {summary['cases']} case(s): {summary['ok']} ok, {summary['failed']} failed, "
         f"{summary['skipped']} skipped (already done), {summary['retries']} retried after a lost worker; "
-        f"{summary['wall_seconds']:.1f} s on {summary['workers']} {summary['mode']} worker(s) x "
-        f"{summary['threads']} thread(s)",
+        f"{summary['wall_seconds']:.1f} s (after {summary.get('startup_seconds', 0):.1f} s loading engines) on "
+        f"{summary['workers']} {summary['mode']} worker(s) x {summary['threads']} thread(s)",
         f"engine {summary.get('engine')} {summary.get('precision')}, INT8 ISA {summary.get('isa')}, "
         f"model sha256 {str(summary.get('model_sha256'))[:12]}",
     ]

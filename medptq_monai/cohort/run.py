@@ -138,6 +138,7 @@ def run_cohort(
     manifest = Manifest(out)
     todo = [c for c in cases if force or not is_done(manifest.get(c.case_id), hashes[c.case_id], job.model_sha256)]
     done = [c for c in cases if c not in todo]
+    started = time.perf_counter()
     pool = _make_pool(job, workers, threads, ray_address, ray_timeout) if todo else None
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -160,6 +161,7 @@ def run_cohort(
                 "precision": info.get("precision", job.precision), "isa": info.get("isa", "n/a"),
                 "model_file": job.model_file, "model_sha256": job.model_sha256, "bundle": job.bundle,
                 "input": str(source.resolve()), "manifest": str(manifest.path),
+                "startup_seconds": round(start - started, 3),
             })
             write_text_atomic(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     finally:
