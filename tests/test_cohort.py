@@ -265,6 +265,37 @@ def test_killing_the_command_then_rerunning_completes_exactly_the_missing_cases(
         sorted(f"{c}_seg.nii.gz" for c in rows if c != "truncated")
 
 
+def test_embedded_worker_killed_mid_case_is_replaced_and_its_case_retried(bundle, cohort, tmp_path):
+    out = tmp_path / "out"
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_cohort(
+        bundle, cohort, out, workers=2, threads=1, progress=False, echo=False)))
+    runner.start()
+    killed = None
+    me = psutil.Process()
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and runner.is_alive():
+        if _manifest_rows(out) >= 2:
+            busy = [p for p in me.children(recursive=True) if _name(p) == "medptq-case"]
+            if busy:
+                busy[0].send_signal(signal.SIGKILL)
+                killed = busy[0].pid
+        time.sleep(0.02)
+    runner.join(300)
+    assert killed is not None, "no worker was seen running a case"
+    assert result["ok"] == GOOD and result["failed"] == 1 and result["retries"] == 1
+    rows = _check_outputs(out, cohort, result)
+    retried = [r for r in rows.values() if r["attempts"] == 2]
+    assert len(retried) == 1 and retried[0]["status"] == "ok" and not retried[0]["worker"].endswith(f":{killed}")
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.Error:
+        return ""
+
+
 # ---------------------------------------------------------------- Ray
 
 

@@ -33,14 +33,23 @@ def _context() -> mp.context.BaseContext:
     return mp.get_context("spawn")
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent exits (no-op elsewhere)."""
+def _prctl(option: int, value: object) -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)
+    except (OSError, AttributeError):  # not Linux: nothing to do
         pass
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (no-op elsewhere)."""
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _set_name(name: bytes) -> None:
+    """The process name ``ps``/``top`` show (15 bytes): ``medptq-idle`` or ``medptq-case`` while it runs a case."""
+    _prctl(15, name)  # PR_SET_NAME
 
 
 def _worker_main(conn: Connection, job: BundleJob, threads: int | None, cpus: list[int] | None) -> None:
@@ -65,6 +74,7 @@ def _worker_main(conn: Connection, job: BundleJob, threads: int | None, cpus: li
         return
     conn.send(("ready", runner.describe()))
     while True:
+        _set_name(b"medptq-idle")
         try:
             message = conn.recv()
         except (EOFError, OSError):
@@ -72,7 +82,9 @@ def _worker_main(conn: Connection, job: BundleJob, threads: int | None, cpus: li
         if message is None:
             return
         case, output_dir = message
-        conn.send(("row", runner.run(case, output_dir)))
+        _set_name(b"medptq-case")
+        row = runner.run(case, output_dir)
+        conn.send(("row", row))
 
 
 class LocalPool:
@@ -116,8 +128,10 @@ class LocalPool:
             try:
                 kind, payload = conn.recv()
             except (EOFError, OSError):
+                proc.join(timeout=5)
                 kind, payload = "error", f"worker exited with code {proc.exitcode} while loading the engine"
         elif proc.sentinel in ready:
+            proc.join(timeout=5)
             kind, payload = "error", f"worker exited with code {proc.exitcode} while loading the engine"
         else:
             kind, payload = "error", f"worker did not load the engine within {READY_TIMEOUT_S:.0f} s"
