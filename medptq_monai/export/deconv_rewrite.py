@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from ..errors import ModelFileError
-from .onnx_model import drop_unused, load_onnx, save_onnx
+from .onnx_model import drop_unused, load_onnx, save_onnx, set_metadata
 
 _DQ = "DequantizeLinear"
 INT8_MAX = 127  # symmetric weights: [-127, 127], as the quantizer writes them
@@ -182,29 +182,31 @@ def float_deconv_weights(fp32: onnx.ModelProto) -> dict[str, np.ndarray]:
             if n.op_type == "ConvTranspose" and n.name and len(n.input) > 1 and n.input[1] in inits}
 
 
-def _shape_nodes(index: _Index, base: str, x: str, cout: int, spatial: int,
-                 dims: tuple[int | None, ...] | None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str, str]:
-    """Nodes and initializers computing the two Reshape targets; static constants when the spatial dims are known."""
+def _shape_nodes(index: _Index, base: str, x: str, cout: int, spatial: int, dims: tuple[int | None, ...] | None
+                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str, str]:
+    """Nodes and initializers computing the two Reshape targets; constants when the spatial dims are known."""
+    def const(values: list[int], name: str) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(values, np.int64), index.unique(f"{base}/{name}"))
+
     if dims is not None and len(dims) == spatial + 2 and all(d is not None for d in dims[2:]):
         sp = [int(d) for d in dims[2:]]  # type: ignore[arg-type]
-        split = numpy_helper.from_array(np.array([-1, cout, *([2] * spatial), *sp], np.int64), index.unique(f"{base}/split_shape"))
-        merge = numpy_helper.from_array(np.array([-1, cout, *[2 * d for d in sp]], np.int64), index.unique(f"{base}/merge_shape"))
-        return [], [split, merge], split.name, merge.name
-    c_split = numpy_helper.from_array(np.array([-1, cout, *([2] * spatial)], np.int64), index.unique(f"{base}/split_head"))
-    c_merge = numpy_helper.from_array(np.array([-1, cout], np.int64), index.unique(f"{base}/merge_head"))
-    starts = numpy_helper.from_array(np.array([2], np.int64), index.unique(f"{base}/spatial_start"))
-    ends = numpy_helper.from_array(np.array([2 + spatial], np.int64), index.unique(f"{base}/spatial_end"))
-    two = numpy_helper.from_array(np.array([2], np.int64), index.unique(f"{base}/two"))
-    shape, sp, sp2 = index.unique(f"{base}/x_shape"), index.unique(f"{base}/x_spatial"), index.unique(f"{base}/y_spatial")
-    split, merge = index.unique(f"{base}/split_shape"), index.unique(f"{base}/merge_shape")
+        split_c = const([-1, cout, *([2] * spatial), *sp], "split_shape")
+        merge_c = const([-1, cout, *[2 * d for d in sp]], "merge_shape")
+        return [], [split_c, merge_c], split_c.name, merge_c.name
+    head_split, head_merge = const([-1, cout, *([2] * spatial)], "split_head"), const([-1, cout], "merge_head")
+    starts, ends, two = const([2], "spatial_start"), const([2 + spatial], "spatial_end"), const([2], "two")
+    shape, sp_in, sp_out, split, merge = (index.unique(f"{base}/{n}") for n in
+                                          ("x_shape", "x_spatial", "y_spatial", "split_shape", "merge_shape"))
     nodes = [
         helper.make_node("Shape", [x], [shape], name=index.unique(f"{base}/Shape")),
-        helper.make_node("Slice", [shape, starts.name, ends.name], [sp], name=index.unique(f"{base}/Slice")),
-        helper.make_node("Mul", [sp, two.name], [sp2], name=index.unique(f"{base}/Mul")),
-        helper.make_node("Concat", [c_split.name, sp], [split], axis=0, name=index.unique(f"{base}/Concat_split")),
-        helper.make_node("Concat", [c_merge.name, sp2], [merge], axis=0, name=index.unique(f"{base}/Concat_merge")),
+        helper.make_node("Slice", [shape, starts.name, ends.name], [sp_in], name=index.unique(f"{base}/Slice")),
+        helper.make_node("Mul", [sp_in, two.name], [sp_out], name=index.unique(f"{base}/Mul")),
+        helper.make_node("Concat", [head_split.name, sp_in], [split], axis=0,
+                         name=index.unique(f"{base}/Concat_split")),
+        helper.make_node("Concat", [head_merge.name, sp_out], [merge], axis=0,
+                         name=index.unique(f"{base}/Concat_merge")),
     ]
-    return nodes, [c_split, c_merge, starts, ends, two], split, merge
+    return nodes, [head_split, head_merge, starts, ends, two], split, merge
 
 
 def rewrite_deconv(model: onnx.ModelProto, float_weights: Mapping[str, np.ndarray] | None = None) -> DeconvRewrite:
@@ -241,7 +243,7 @@ def rewrite_deconv(model: onnx.ModelProto, float_weights: Mapping[str, np.ndarra
             continue
         assert w is not None
         spatial = w.ndim - 2
-        cin, cout = w.shape[:2]
+        cout = int(w.shape[1])
         base = name
         conv_inputs = [node.input[0]]
         inits: list[onnx.TensorProto] = []
@@ -261,7 +263,8 @@ def rewrite_deconv(model: onnx.ModelProto, float_weights: Mapping[str, np.ndarra
                 scale = _dq_scale(index, w_dq, tuple(w.shape))[0]  # type: ignore[index]
             qi = numpy_helper.from_array(q, index.unique(f"{base}/conv1x1_weight_int8"))
             si = numpy_helper.from_array(scale, index.unique(f"{base}/conv1x1_weight_scale"))
-            zi = numpy_helper.from_array(np.zeros(scale.shape, np.int8), index.unique(f"{base}/conv1x1_weight_zero_point"))
+            zi = numpy_helper.from_array(np.zeros(scale.shape, np.int8),
+                                         index.unique(f"{base}/conv1x1_weight_zero_point"))
             inits += [qi, si, zi]
             w_out = index.unique(f"{base}/conv1x1_weight_dq")
             pre.append(helper.make_node(_DQ, [qi.name, si.name, zi.name], [w_out], axis=0,
@@ -283,11 +286,11 @@ def rewrite_deconv(model: onnx.ModelProto, float_weights: Mapping[str, np.ndarra
                              name=index.unique(f"{base}/Conv1x1")),
             helper.make_node("Reshape", [z, split_shape], [zs], name=index.unique(f"{base}/Reshape_split")),
             helper.make_node("Transpose", [zs], [zt], perm=perm, name=index.unique(f"{base}/Transpose_d2s")),
-            helper.make_node("Reshape", [zt, merge_shape], [node.output[0]], name=index.unique(f"{base}/Reshape_merge")),
+            helper.make_node("Reshape", [zt, merge_shape], [node.output[0]],
+                             name=index.unique(f"{base}/Reshape_merge")),
         ]
         graph.initializer.extend(inits)
         report.rewritten.append(name)
-        del cin
     del graph.node[:]
     graph.node.extend(new_nodes)
     if report.rewritten:
@@ -314,8 +317,6 @@ def rewrite_deconv_file(src: str | os.PathLike, dst: str | os.PathLike,
     if not report.rewritten:
         found = "; ".join(f"{k}: {v}" for k, v in report.skipped.items()) or "the model has no ConvTranspose"
         raise ModelFileError(f"{src}: no stride-2 kernel-2 ConvTranspose to rewrite ({found})")
-    from .onnx_model import set_metadata
-
     set_metadata(model, report.metadata())
     save_onnx(model, Path(dst))
     return report

@@ -154,7 +154,8 @@ def convert_remainder_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FP1
             if node.op_type == "Constant" and a.name == "value" and a.t.data_type == TensorProto.FLOAT \
                     and node.output[0] not in keep:
                 a.t.CopyFrom(_to_fp16(a.t, report))
-            elif node.op_type == "Constant" and a.name in ("value_float", "value_floats") and node.output[0] not in keep:
+            elif node.op_type == "Constant" and a.name in ("value_float", "value_floats") \
+                    and node.output[0] not in keep:
                 arr = np.asarray(helper.get_attribute_value(a), np.float32)
                 node.ClearField("attribute")
                 node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(arr.astype(np.float16))))
@@ -184,7 +185,8 @@ def convert_remainder_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FP1
             for i, name in enumerate(node.input):
                 if name == vi.name:
                     node.input[i] = inner
-        head.append(helper.make_node("Cast", [vi.name], [inner], to=TensorProto.FLOAT16, name=fresh(f"{vi.name}/Cast_fp16")))
+        head.append(helper.make_node("Cast", [vi.name], [inner], to=TensorProto.FLOAT16,
+                                     name=fresh(f"{vi.name}/Cast_fp16")))
     tail: list[onnx.NodeProto] = []
     for vi in g.output:
         inner = fresh(f"{vi.name}_fp16")
@@ -195,7 +197,8 @@ def convert_remainder_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FP1
             for i, name in enumerate(node.input):
                 if name == vi.name:
                     node.input[i] = inner
-        tail.append(helper.make_node("Cast", [inner], [vi.name], to=TensorProto.FLOAT, name=fresh(f"{vi.name}/Cast_fp32")))
+        tail.append(helper.make_node("Cast", [inner], [vi.name], to=TensorProto.FLOAT,
+                                     name=fresh(f"{vi.name}/Cast_fp32")))
     report.casts += len(head) + len(tail)
 
     # 4. schema-fixed FLOAT inputs fed by a computed (now float16) tensor get a Cast back
@@ -217,7 +220,8 @@ def convert_remainder_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FP1
 
     # 5. scales that FP16 stores only as subnormals (lose precision) or not at all (become 0)
     arrays = {t.name: t for t in g.initializer}
-    scale_names = {n.input[1] for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1}
+    scale_names = {n.input[1] for n in g.node
+                   if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1}
     for name in sorted(scale_names):
         t = arrays.get(name)
         if t is None or t.data_type != TensorProto.FLOAT16:
