@@ -108,7 +108,7 @@ def _variants(fp32: Path, int8: Path, work: Path) -> dict[str, Path]:
     return files
 
 
-def _measure(label: str, fp32: Path, files: dict[str, Path], x: np.ndarray, rounds: int) -> dict:
+def _measure(label: str, fp32: Path, files: dict[str, Path], x: np.ndarray, rounds: int, threads: int) -> dict:
     print(f"[{label}] reference and fidelity on {len(x)} patches", flush=True)
     ref = _ort(fp32, x)
     ov_fp32 = OpenVinoEngine(fp32, precision="fp32")
@@ -134,11 +134,12 @@ def _measure(label: str, fp32: Path, files: dict[str, Path], x: np.ndarray, roun
     for name, engine in engines.items():
         rows[name]["openvino_vs_int8_fp32"] = None if name == "int8+fp32" else round(
             sqnr_db(base, engine(torch.from_numpy(x)).numpy()), 2)
-    print(f"[{label}] OpenVINO latency: {rounds} rounds, variants interleaved", flush=True)
+    print(f"[{label}] OpenVINO latency: {rounds} rounds, variants interleaved, {threads} thread(s)", flush=True)
     one = torch.from_numpy(x[:1])
     times: dict[str, list[float]] = {n: [] for n in [*files, "fp32"]}
     cpu: dict[str, list[float]] = {n: [] for n in times}
-    runners = {**engines, "fp32": ov_fp32}
+    runners = {name: OpenVinoEngine(path, precision="int8", threads=threads) for name, path in files.items()}
+    runners["fp32"] = OpenVinoEngine(fp32, precision="fp32", threads=threads)
     for r in runners.values():
         r(one)  # warm-up (compile)
         r(one)
@@ -192,9 +193,10 @@ def _markdown(report: dict) -> str:
              machine_line(report["machine"]), "",
              f"Load: this machine's {report['machine']['cpu_count']} logical CPUs are shared with other jobs; load "
              f"average {report['machine']['load_average']} at the start and {report['load_average_end']} at the end. "
-             f"Latencies (batch 1, one patch) are medians and minima of {report['rounds']} interleaved rounds (variants "
-             "rotated each round) and carry that load; the CPU time of the process (all its threads) is less "
-             "sensitive to other jobs than wall time.", ""]
+             f"Latencies (batch 1, one patch, OpenVINO with {report['threads']} inference thread(s) so that the "
+             f"variants do not fight the other jobs for both cores) are medians and minima of {report['rounds']} "
+             "interleaved rounds (variants rotated each round) and carry that load; CPU ms is the process's CPU "
+             "time per call.", ""]
     for label, block in report["models"].items():
         lines += [f"## {label}", "", block["note"], "",
                   "| variant | MB | TRT check issues | deconvs rewritten | ORT SQNR dB | ORT argmax agree | OV SQNR dB | "
@@ -232,13 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib_patches", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="OpenVINO threads for the latency rounds")
     parser.add_argument("--out", default=str(ROOT / "reports/trt_variants"))
     args = parser.parse_args(argv)
     for p in (args.unet_fp32, args.unet_int8):
         if not Path(p).is_file():
             raise SystemExit(f"trt_variants: {p} not found: run `python -m medptq_monai.cli demo` first")
     machine = machine_info()
-    report: dict = {"machine": machine, "rounds": args.rounds, "eval_patches": args.eval_patches, "models": {}}
+    report: dict = {"machine": machine, "rounds": args.rounds, "threads": args.threads, "eval_patches": args.eval_patches,
+                    "models": {}}
     eval_ct = CT / "images/abdomen_ct.nii.gz"
     with tempfile.TemporaryDirectory(prefix="medptq-trt-variants-") as tmp:
         work = Path(tmp)
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rows run the same graphs as the rows above them, so their latency differences are the timing "
                     "noise under this load. INT8 file: the demo's (`medptq demo`), its calibration.",
             "fp32": str(unet_fp32), "int8": str(unet_int8),
-            "variants": _measure("unet", unet_fp32, files, x, args.rounds)}
+            "variants": _measure("unet", unet_fp32, files, x, args.rounds, args.threads)}
         # small nnU-Net: ConvTranspose3d kernel 2 stride 2 in the decoder
         fp32, int8, roi, info = _nnunet(work, args.calib_patches, args.seed)
         x = _patches(_volume(eval_ct, info["pixdim"], None, info["norm"]), roi, args.eval_patches, args.seed + 1)
@@ -263,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             "note": "PlainConvUNet 8-16-32-64, InstanceNorm + LeakyReLU; its three decoder up-convolutions are "
                     "ConvTranspose3d kernel 2 stride 2. Exported from the bundle's small checkpoint and calibrated here "
                     f"({info['setup']['calibrator']}, {args.calib_patches} patches of the calibration CT).",
-            "setup": info["setup"], "variants": _measure("nnunet", fp32, files, x, args.rounds)}
+            "setup": info["setup"], "variants": _measure("nnunet", fp32, files, x, args.rounds, args.threads)}
+        report = relative_paths(report, work)  # variant files lived in a temporary folder: their names only
     report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     report = relative_paths(report, ROOT)
     out = Path(args.out)
