@@ -229,6 +229,32 @@ def test_each_broken_case_is_a_failed_row_with_its_own_error(bundle, tmp_path):
         "faults__good_seg.nii.gz", "manifest.jsonl", "summary.json"]
 
 
+def test_multichannel_cases_from_a_decathlon_datalist(tmp_path):
+    """The 4-channel sigmoid SegResNet zoo bundle (seeded weights, quantized by ``medptq quantize`` through its own
+    datalist): a 4-channel case is segmented on its first channel's grid; a case listing 3 channels fails."""
+    from test_quantize_bundle import _mri_case
+
+    data = tmp_path / "mri"
+    _mri_case(data)
+    bundle = Path(shutil.copytree(ZOO / "mri_segresnet_sigmoid", tmp_path / "mri_segresnet_sigmoid"))
+    torch.manual_seed(0)
+    (bundle / "models").mkdir()
+    torch.save(read_bundle(bundle).parsed("network_def", "test").state_dict(), bundle / "models" / "model.pt")
+    quantize_bundle(bundle, dataset_dir=str(data), calibrator="max", num_patches=2, heldout_patches=1,
+                    progress=False)
+    channels = [f"case_000/case_000_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")]
+    datalist = data / "cohort.json"
+    datalist.write_text(json.dumps({"testing": [{"image": channels}, {"image": channels[1:]}]}))
+    summary = run_cohort(bundle, datalist, tmp_path / "out", workers=1, progress=False, echo=False)
+    assert summary["ok"] == 1 and summary["failed"] == 1
+    ok, bad = read_rows(tmp_path / "out" / "manifest.jsonl")
+    assert ok["case"] == "case_000__case_000_t1" and ok["input"] == [str(data / c) for c in channels]
+    assert bad["case"] == "case_000__case_000_t1ce" and "takes 4 channel(s), this case has 3" in bad["error"]
+    label, source = nib.load(ok["output"]), nib.load(str(data / channels[0]))
+    assert label.shape == source.shape and np.allclose(label.affine, source.affine)
+    assert set(np.unique(np.asarray(label.dataobj)).tolist()) <= {0, 1, 2, 4}
+
+
 def _manifest_rows(out: Path) -> int:
     return len(read_rows(out / "manifest.jsonl")) if (out / "manifest.jsonl").is_file() else 0
 

@@ -41,12 +41,34 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+_CONNECTED: dict[str, str] = {}  # the address this module last connected to
+
+
+def _connected_to(ray: Any, address: str) -> bool:
+    """Whether the initialized Ray of this process is the cluster at ``address``."""
+    if _CONNECTED.get("address") == address:
+        return True
+    if address in ("auto", "local") or "://" in address:
+        return False
+    try:
+        current = _host_port(str(ray.get_runtime_context().gcs_address))
+    except Exception:
+        return False
+    wanted = _host_port(address)
+    loopback = ("127.0.0.1", "localhost")
+    same_host = current is not None and wanted is not None and (
+        current[0] == wanted[0] or (current[0] in loopback and wanted[0] in loopback))
+    return bool(same_host and current[1] == wanted[1])
+
+
 def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
     """``ray.init`` on ``address`` (``host:port`` of a running cluster, ``ray://host:port``, ``auto``, or ``local``
     for a Ray instance started for this run); ``ClusterError`` within ``timeout`` s when it does not answer."""
     ray = import_ray()
     if ray.is_initialized():
-        return ray
+        if _connected_to(ray, address):
+            return ray
+        ray.shutdown()  # connected elsewhere (an earlier run in this process): never run on the wrong cluster
     target = _host_port(address) if address not in ("auto", "local") else None
     if address not in ("auto", "local") and target is None:
         raise ClusterError(f"--ray_address {address!r} is not host:port, ray://host:port, auto or local")
@@ -63,12 +85,14 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
                      logging_level="WARNING", log_to_driver=False)
         except Exception as err:
             raise ClusterError(f"cannot start a local Ray instance: {type(err).__name__}: {err}") from err
+        _CONNECTED["address"] = "local"
         return ray
     outcome: dict[str, Any] = {}
 
     def init() -> None:
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            _CONNECTED["address"] = address
             outcome["ok"] = True
         except BaseException as err:  # reported below
             outcome["error"] = err
