@@ -15,7 +15,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constr
     echo "installing medptq-monai and its dependencies into .venv ..."
     python -m pip install -q --upgrade pip
     python -m pip install -q -c requirements/constraints.txt "torch==2.13.0"
-    python -m pip install -q -c requirements/constraints.txt -e ".[cpu,test,cluster]"
+    # setuptools announces every editable install with a boxed "Editable installation." note: only that is hidden
+    PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
+        python -m pip install -q -c requirements/constraints.txt -e ".[cpu,test,cluster]"
     # nnU-Net's network library: PlainConvUNet needs only torch and numpy, but the package
     # declares timm (-> torchvision -> another torch), so it goes in without dependencies.
     python -m pip install -q --no-deps "dynamic-network-architectures==0.4.4"
