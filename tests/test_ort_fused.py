@@ -210,3 +210,15 @@ def test_real_bundle_int8_sqnr_equals_openvino(calibrated_bundle):
     ort_db, ov_db = sqnr_db(ref, got_ort), sqnr_db(ref, got_ov)
     assert ort_db > 15, (ort_db, ov_db)
     assert abs(ort_db - ov_db) <= 0.5, (ort_db, ov_db)
+
+
+def test_no_convolution_is_fused_where_int8_sums_saturate():
+    """On an INT8 path with 16-bit pair sums (AVX2) a QLinearConv could saturate: the copy only folds weights."""
+    from medptq_monai.engines.onnxruntime_engine import cpu_int8_copy
+
+    model, _ = _qdq_graph(MIN_CHANNELS, relu_scale=0.03)
+    for isa, fused in (("avx2", 0), ("amx", 1)):
+        copy = onnx.ModelProto.FromString(model.SerializeToString())
+        _, fusion = cpu_int8_copy(copy, isa)
+        assert (fusion.fused_convolutions, fusion.folded_weights) == (fused, 3 - fused)
+        assert ("Relu" in {n.op_type for n in copy.graph.node}) == (fused == 0)
