@@ -78,15 +78,16 @@ def main() -> None:
                 "mode", "workers", "threads", "ok", "wall_seconds", "startup_seconds", "cases_per_hour",
                 "voxels_per_second", "latency_seconds", "engine", "precision", "isa")})
             print(json.dumps(rows[-1]), flush=True)
-        if address := next((c[3] for c in configs if c[3]), None):
+        if any(c[3] for c in configs):
             import ray
 
             ray.shutdown()
         model = summary["model_file"]
-        bundle_name = bundle.name if args.bundle else "tests/zoo_bundles/ct_unet_prelu (seeded weights, quantized mse/8)"
+        bundle_name = bundle.name if args.bundle else "tests/zoo_bundles/ct_unet_prelu (seeded weights, quantized " \
+            "mse/8)"
     report = {"machine": machine, "isa_line": isa_line(machine["int8_isa"]), "bundle": bundle_name,
-              "model_file": Path(model).name, "cases": args.cases, "case": "tests/data/totalseg_ct/images/abdomen_ct.nii.gz "
-              "(122x101x112, 3 mm)", "runs": rows}
+              "model_file": Path(model).name, "cases": args.cases,
+              "case": "tests/data/totalseg_ct/images/abdomen_ct.nii.gz (122x101x112, 3 mm)", "runs": rows}
     out_dir = Path(args.out)
     write_text_atomic(out_dir / "cohort.json", json.dumps(relative_paths(report), indent=2) + "\n")
     lines = [

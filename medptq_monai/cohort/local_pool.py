@@ -1,13 +1,15 @@
 """Embedded mode: N worker processes on this machine, each holding one engine (``CaseRunner``).
 
-Each worker is a process started by a fork server that has imported torch and MONAI once, with its own pipe; the driver sends one case at a time and watches
-both the pipe and the process sentinel, so a worker that dies in the middle of a case (killed, out of
-memory) is noticed at once and that case alone is handed back for a retry. Workers die with the
+Each worker is a process started by a fork server that has imported torch and MONAI once, with its own
+pipe; the driver sends one case at a time and watches both the pipe and the process sentinel, so a worker
+that dies in the middle of a case (killed, out of memory) is noticed at once and that case alone is handed
+back for a retry. Workers die with the
 driver (``PR_SET_PDEATHSIG``), so killing the command leaves no worker writing.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -17,6 +19,8 @@ from typing import Any
 from .bundle_job import BundleJob
 from .errors import WorkerStartError
 from .sources import Case
+
+logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 900.0
 # imported once by the fork server, so each worker (and each replacement of a dead one) starts in a fraction of
@@ -101,6 +105,9 @@ class LocalPool:
             cpus[i * per:(i + 1) * per] if pin_cpus and per and len(cpus) >= per * self.size else None
             for i in range(self.size)
         ]
+        if per and len(cpus) < per * self.size:
+            logger.warning("%d worker(s) x %d thread(s) oversubscribe the %d core(s) this process may use",
+                           self.size, per, len(cpus))
         self._procs: list[Any] = [None] * self.size
         self._conns: list[Connection | None] = [None] * self.size
         self.workers: list[dict[str, str]] = [{} for _ in range(self.size)]

@@ -60,16 +60,11 @@ class _SeriesAwareLoader:
 
     def series_reader(self) -> Any:
         if self._series_reader is None:
-            try:
-                import itk  # noqa: F401
+            import importlib.util
 
-                from monai.data import ITKReader
+            from monai.data import ITKReader, PydicomReader
 
-                self._series_reader = ITKReader()
-            except ImportError:
-                from monai.data import PydicomReader
-
-                self._series_reader = PydicomReader()
+            self._series_reader = ITKReader() if importlib.util.find_spec("itk") else PydicomReader()
         return self._series_reader
 
     def __call__(self, data: Any) -> Any:
