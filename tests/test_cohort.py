@@ -134,7 +134,7 @@ def _check_outputs(out: Path, cohort: Path, summary: dict) -> dict[str, dict]:
         assert output == out / f"{case}_seg.nii.gz" and sha256_file(output) == row["output_sha256"]
         assert row["engine"] == "openvino" and row["precision"] == "int8" and row["isa"] not in (None, "n/a")
         assert row["model_sha256"] == sha256_file(Path(summary["model_file"]))
-        assert row["seconds"] > 0 and row["voxels"] > 0 and len(row["input_sha256"]) == 64
+        assert row["seconds"] > 0 and row["voxels"] > 0 and len(row["input_sha256"]) == 64 and row["input_stat"]
         label = nib.load(str(output))
         if case == "dicom_series":
             from monai.transforms import LoadImage
@@ -189,12 +189,16 @@ def test_embedded_cohort_one_failure_rerun_skips_done_cases(bundle, cohort, tmp_
     shutil.copytree(cohort, changed)
     nib.save(nib.Nifti1Image(np.asarray(ct.dataobj) + 1, ct.affine, ct.header), str(changed / "ct_03.nii.gz"))
     (changed / "truncated.nii.gz").unlink()
+    os.utime(changed / "ct_07.nii.gz", ns=(time.time_ns(), time.time_ns()))  # touched, same bytes: hashed, skipped
     (out / "ct_05_seg.nii.gz").unlink()
     summary3 = run_cohort(bundle, changed, out, workers=1, progress=False, echo=False)
     rows3 = {r["case"]: r for r in read_rows(out / "manifest.jsonl")}
     redone = {c for c, r in rows3.items() if r["status"] == "ok"}
     assert redone == {"ct_03", "ct_05"} and summary3["skipped"] == GOOD - 2 and summary3["failed"] == 0
     assert rows3["truncated"]["status"] == "failed", "rows of cases no longer in the input are kept"
+    assert rows3["ct_07"]["status"] == "skipped" and rows3["ct_07"]["input"] == str(changed / "ct_07.nii.gz")
+    assert rows3["ct_07"]["input_stat"] != rows2["ct_07"]["input_stat"], "the new fingerprint is recorded"
+    assert rows3["ct_07"]["input_sha256"] == rows2["ct_07"]["input_sha256"]
 
 
 def _small_faults(dest: Path) -> Path:

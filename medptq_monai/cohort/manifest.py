@@ -4,7 +4,7 @@ Rows are appended (and fsync'ed) by the driver as cases finish, so a killed run 
 case; a torn last line of a killed run is dropped when the manifest is read. At the start and end of a
 run the manifest is rewritten atomically with one row per case (the latest). A case is done when its
 latest row is ``ok`` or ``skipped`` for the same input and model sha256 and its output file still has
-the recorded sha256.
+the recorded sha256 (the input's sha256 is recomputed only when its size or modification time changed).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from ..fileio import sha256_file, write_text_atomic
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
-FIELDS = ("case", "input", "input_sha256", "output", "output_sha256", "status", "error", "seconds", "engine",
+FIELDS = ("case", "input", "input_sha256", "input_stat", "output", "output_sha256", "status", "error", "seconds", "engine",
           "precision", "isa", "model_sha256", "voxels", "attempts", "worker", "finished")
 DONE = ("ok", "skipped")
 
@@ -65,11 +65,16 @@ def output_intact(row: Mapping[str, Any]) -> bool:
         return False
 
 
-def is_done(row: Mapping[str, Any] | None, input_sha: str | None, model_sha: str) -> bool:
-    """Whether ``row`` proves the case done for this input and model (and its output is intact)."""
-    return (row is not None and row.get("status") in DONE and input_sha is not None
-            and row.get("input_sha256") == input_sha and row.get("model_sha256") == model_sha
-            and output_intact(row))
+def is_done(row: Mapping[str, Any] | None, model_sha: str, stat: str | None,
+            input_sha: Callable[[], str | None]) -> bool:
+    """Whether ``row`` proves the case done for this model and input (and its output is intact). The input counts
+    as unchanged when its ``input_stat`` fingerprint is the row's, else when ``input_sha()`` is the row's sha256."""
+    if row is None or row.get("status") not in DONE or row.get("model_sha256") != model_sha or not output_intact(row):
+        return False
+    if stat is not None and row.get("input_stat") == stat and row.get("input_sha256"):
+        return True
+    digest = input_sha()
+    return digest is not None and row.get("input_sha256") == digest
 
 
 class Manifest:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import InputImageError, MedPTQError
 from .bundle_job import BundleJob
-from .sources import Case
+from .sources import Case, input_sha256, input_stat
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,8 @@ class CaseRunner:
         start = time.perf_counter()
         stage = "reading/preprocessing"
         try:
+            row["input_stat"] = input_stat(case)
+            row["input_sha256"] = input_sha256(case)
             key = self.job.image_key
             data = {key: case.inputs[0] if len(case.inputs) == 1 else list(case.inputs)}
             item = self.preprocessing(data)

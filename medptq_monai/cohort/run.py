@@ -24,7 +24,7 @@ from .bundle_job import BundleJob, prepare_job
 from .errors import OptionError, OutputDirError
 from .manifest import Manifest, is_done
 from .report import summarize, summary_lines
-from .sources import Case, discover_cases, hash_inputs
+from .sources import Case, discover_cases, input_sha256, input_stat
 from .writer import output_path, temporary_leftovers
 
 logger = logging.getLogger(__name__)
@@ -134,10 +134,14 @@ def run_cohort(
     out = Path(output_dir).resolve()
     check_output_dir(out, source)
     _pool_sizes(workers, threads, 1)
-    hashes = hash_inputs(cases)
     manifest = Manifest(out)
-    todo = [c for c in cases if force or not is_done(manifest.get(c.case_id), hashes[c.case_id], job.model_sha256)]
-    done = [c for c in cases if c not in todo]
+    stats = {c.case_id: input_stat(c) for c in cases}
+    todo: list[Case] = []
+    done: list[Case] = []
+    for case in cases:
+        finished = not force and is_done(manifest.get(case.case_id), job.model_sha256, stats[case.case_id],
+                                         lambda case=case: _sha_or_none(case))
+        (done if finished else todo).append(case)
     started = time.perf_counter()
     pool = _make_pool(job, workers, threads, ray_address, ray_timeout) if todo else None
     start = time.perf_counter()
@@ -149,9 +153,10 @@ def run_cohort(
             _remove_leftovers(out)
             manifest.compact()
             for case in done:
-                manifest.append({**manifest.get(case.case_id), "status": "skipped", "error": None})
+                manifest.append({**manifest.get(case.case_id), "status": "skipped", "error": None,
+                                 "input": case.input_field(), "input_stat": stats[case.case_id]})
             if pool is not None:
-                retries = _schedule(pool, todo, hashes, manifest, out, rows, max(1, int(max_attempts)), progress)
+                retries = _schedule(pool, todo, manifest, out, rows, max(1, int(max_attempts)), progress)
             _remove_leftovers(out)
             manifest.compact()
             info = pool.workers[0] if pool is not None and pool.workers else {}
@@ -172,7 +177,14 @@ def run_cohort(
     return summary
 
 
-def _schedule(pool: Any, todo: list[Case], hashes: dict[str, str | None], manifest: Manifest, out: Path,
+def _sha_or_none(case: Case) -> str | None:
+    try:
+        return input_sha256(case)
+    except OSError:
+        return None
+
+
+def _schedule(pool: Any, todo: list[Case], manifest: Manifest, out: Path,
               rows: list[dict[str, Any]], max_attempts: int, progress: bool) -> int:
     """Keep every worker busy until each case has a row; returns how many cases were retried."""
     from tqdm.auto import tqdm
@@ -192,7 +204,7 @@ def _schedule(pool: Any, todo: list[Case], hashes: dict[str, str | None], manife
             for slot, kind, payload in pool.poll(set(busy), timeout=1.0):
                 case = busy.pop(slot)
                 if kind == "row":
-                    row = {**payload, "input_sha256": hashes[case.case_id], "attempts": attempts[case.case_id]}
+                    row = {**payload, "attempts": attempts[case.case_id]}
                     idle.append(slot)
                 else:  # the worker died in this case: nothing of it is kept; retry it or record the failure
                     _remove_leftovers(out, case.case_id)
@@ -204,7 +216,7 @@ def _schedule(pool: Any, todo: list[Case], hashes: dict[str, str | None], manife
                         queue.appendleft(case)
                         bar.set_postfix(ok=counts["ok"], failed=counts["failed"], retried=counts["retried"])
                         continue
-                    row = {"case": case.case_id, "input": case.input_field(), "input_sha256": hashes[case.case_id],
+                    row = {"case": case.case_id, "input": case.input_field(), "input_sha256": None,
                            "status": "failed", "attempts": attempts[case.case_id],
                            "model_sha256": pool.job.model_sha256,
                            "error": f"worker lost {attempts[case.case_id]} time(s) in this case; last: {payload}"}
