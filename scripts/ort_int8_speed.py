@@ -4,11 +4,12 @@ reports/ort_int8.{json,md}.
 Per model (a folder with ``model.onnx``, ``model_int8.onnx`` and ``patch.npy``, or made here by ``--prepare``):
 ONNX Runtime FP32, ONNX Runtime INT8 on the file as written ("before": a plain session, what the engine
 loaded until now), ONNX Runtime INT8 through ``OnnxRuntimeEngine`` ("after": the ``ort_fused`` copy) and
-OpenVINO INT8, timed interleaved (A B C D, A B C D, ...) so that load from other processes hits every
-variant alike; medians, minima and the median of per-round ratios. SQNR of each INT8 output vs the ONNX
-Runtime FP32 output. Then one profiled run per ONNX Runtime variant: kernel time per op type, and what
-ONNX Runtime's optimized graph contains (QLinearConv, DequantizeLinear left, ...). ``--micro`` adds the
-3-D Conv shapes that set ``ort_fused.MIN_CHANNELS`` (float Conv vs QLinearConv, min of N).
+OpenVINO INT8, timed interleaved (each round all four, in a seeded random order) so that load from other
+processes hits every variant alike; medians, minima and the median of per-round ratios. SQNR of each
+INT8 output vs the ONNX Runtime FP32 output. Then one profiled run per ONNX Runtime variant: kernel time
+per op type, and what ONNX Runtime's optimized graph contains (QLinearConv, DequantizeLinear left, ...).
+``--micro`` adds the 3-D Conv shapes that set ``ort_fused.MIN_CHANNELS`` (float Conv vs QLinearConv vs
+ConvInteger, min of N).
 
     python scripts/ort_int8_speed.py --prepare unet_int8,segresnet_int8:small,nnunet_int8:small --micro
     python scripts/ort_int8_speed.py --model unet=/tmp/work/unet_int8_full [--repeats 7]
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -185,8 +187,12 @@ def measure(name: str, folder: Path, repeats: int, tmp: Path) -> dict[str, Any]:
     times: dict[str, list[float]] = {key: [] for key in calls}
     cpu: dict[str, list[float]] = {key: [] for key in calls}  # process CPU time: less sensitive to other load
     load = [os.getloadavg()[0]]
+    order = random.Random(0)  # a new seeded order each round: no variant always follows the same one
     for _ in range(repeats):
-        for key, call in calls.items():
+        keys = list(calls)
+        order.shuffle(keys)
+        for key in keys:
+            call = calls[key]
             start, start_cpu = time.perf_counter(), time.process_time()
             call()
             times[key].append(time.perf_counter() - start)
@@ -299,14 +305,24 @@ def _top_ops(profile: dict[str, Any], n: int = 5) -> str:
     return ", ".join(f"{op} {ms:.0f}" for op, ms in list(profile["kernel_ms"].items())[:n])
 
 
+def run_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """What a later run of the same model keeps of this one: paired ratios vs ORT FP32, load, when, how."""
+    loads = row["load_average_1min"]
+    return {"model": row["model"], "date": row.get("date"), "command": row.get("command"),
+            "repeats": row["repeats"], "load_average_1min": [min(loads), max(loads)],
+            "speedup_vs_ort_fp32_paired_median": row["speedup_vs_ort_fp32_paired_median"],
+            "sqnr_db_vs_ort_fp32": row["sqnr_db_vs_ort_fp32"]}
+
+
 def render(report: dict[str, Any]) -> str:
     """The Markdown report."""
     lines = ["# ONNX Runtime INT8 vs FP32 per patch (issue 9, point 4)", "",
              "Per model: one real CT patch at the model's roi, batch 1, 2 threads; ORT FP32, ORT INT8 on the file "
              "as written (before), ORT INT8 through the engine's ORT-specific copy (after, `engines/ort_fused.py`) "
-             "and OpenVINO INT8 timed interleaved round by round after one warm-up each. ms = median; "
-             "'x FP32' = median over rounds of ORT FP32 time / variant time in the same round; CPU s = median process CPU time of a call (both threads, ORT's spin-waiting included). SQNR of INT8 "
-             "logits vs ORT FP32 logits on the same patch.", "",
+             "and OpenVINO INT8 timed interleaved round by round (seeded random order in each round) after one "
+             "warm-up each. ms = median; 'x FP32' = median over rounds of ORT FP32 time / variant time in the same "
+             "round (IQR: its interquartile range over the rounds); CPU s = median process CPU time of a call (both "
+             "threads, ORT's spin-waiting included). SQNR of INT8 logits vs ORT FP32 logits on the same patch.", "",
              "| model | input | fused QLinearConv / weights folded | ORT FP32 ms | ORT INT8 before ms (x FP32) "
              "| ORT INT8 after ms (x FP32) | OpenVINO INT8 ms | CPU s per call FP32 / before / after | "
              "SQNR dB ORT before / after / OpenVINO | ORT INT8 after faster than FP32 | load avg (1 min) during |",
@@ -318,9 +334,18 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {shape} | {r['fused_convolutions']} / {r['folded_weights']} | {ms['ort_fp32']:.0f} "
             f"| {ms['ort_int8_file']:.0f} ({sp['ort_int8_file']:.2f}x, {_spread(r, 'ort_int8_file')}) "
-            f"| {ms['ort_int8_fused']:.0f} ({sp['ort_int8_fused']:.2f}x, {_spread(r, 'ort_int8_fused')}) | {ms['openvino_int8']:.0f} | {_cpu_cell(r)} | {db['ort_int8_file']:.2f} / "
+            f"| {ms['ort_int8_fused']:.0f} ({sp['ort_int8_fused']:.2f}x, {_spread(r, 'ort_int8_fused')}) "
+            f"| {ms['openvino_int8']:.0f} | {_cpu_cell(r)} | {db['ort_int8_file']:.2f} / "
             f"{db['ort_int8_fused']:.2f} / {db['openvino_int8']:.2f} | "
             f"{'yes' if sp['ort_int8_fused'] > 1 else 'no'} | {min(load):.1f}-{max(load):.1f} |")
+    if report.get("earlier_runs"):
+        lines += ["", "Earlier runs of the same models (replaced above; the spread between runs is the load's):", "",
+                  "| model | date | rounds | load avg | ORT INT8 before x FP32 | ORT INT8 after x FP32 |",
+                  "|---|---|---:|---|---:|---:|"]
+        for e in report["earlier_runs"]:
+            sp, load = e["speedup_vs_ort_fp32_paired_median"], e["load_average_1min"]
+            lines.append(f"| {e['model']} | {e.get('date') or '—'} | {e['repeats']} | {load[0]:.1f}-{load[1]:.1f} "
+                         f"| {sp['ort_int8_file']:.2f}x | {sp['ort_int8_fused']:.2f}x |")
     lines += ["", "Where the time goes (ONNX Runtime profiler, kernel ms per op type, one run; top 5):", "",
               "| model | ORT FP32 | ORT INT8 before | ORT INT8 after | QLinearConv / DequantizeLinear in ORT's "
               "optimized graph, before → after |", "|---|---|---|---|---|"]
@@ -424,6 +449,8 @@ def main() -> int:
     if old.is_file():  # a partial run replaces its own models' rows (and the micro table if re-measured)
         before = json.loads(old.read_text())
         names = {r["model"] for r in rows}
+        report["earlier_runs"] = before.get("earlier_runs", []) + [
+            run_summary(r) for r in before.get("rows", []) if r["model"] in names]
         report["rows"] = [r for r in before.get("rows", []) if r["model"] not in names] + report["rows"]
         if not measured:  # nothing new: re-render the last report as it was measured
             report["machine"] = before["machine"]

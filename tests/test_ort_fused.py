@@ -34,8 +34,8 @@ RNG_SEED = 0
 
 
 def _qdq_graph(channels: int, relu_scale: float, spatial: int = 6) -> tuple[onnx.ModelProto, np.ndarray]:
-    """``x → Q/DQ(s8) → Conv1 → Relu → Q/DQ(s8, relu_scale) → Conv2 → y`` plus ``Conv3`` (float output) added
-    to ``y``: the U-Net pattern. Weights are int8 per output channel; returns the model and an input."""
+    """``x → Q/DQ(s8) → Conv1 → Relu → Q/DQ(s8, relu_scale) → Conv2 → y`` plus ``Conv3`` (float output)
+    added to ``y``: the U-Net pattern. Weights are int8 per output channel; returns the model and an input."""
     rng = np.random.default_rng(RNG_SEED)
     c = channels
 

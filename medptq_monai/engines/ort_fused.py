@@ -23,7 +23,7 @@ What this cannot reach (``reports/ort_int8.md``, ``scripts/ort_int8_speed.py``):
 kernel in ONNX Runtime's CPU provider, and a convolution read in float (by InstanceNorm/BatchNorm, a residual
 Add, a Concat) has no fast integer kernel (ConvInteger with a float epilogue is slower than the float
 convolution); QLinearConv there would need an 8-bit output quantizer the file does not have. On the demo
-U-Net the fusable convolutions are 2% of ONNX Runtime FP32's kernel time; on SegResNet and nnU-Net none.
+U-Net the fusable convolutions are 2-3% of ONNX Runtime FP32's kernel time; on SegResNet and nnU-Net none.
 """
 
 from __future__ import annotations
