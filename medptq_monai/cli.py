@@ -18,7 +18,8 @@ class Commands:
                  roi_size=None, calibrator: str | None = None, num_patches: int | None = None,
                  seed: int | None = None, exclude=None, heldout_patches: int = 4, progress: bool = True,
                  calibration_roi=None, high_precision: str = "fp32", rewrite_deconv: bool = False,
-                 **overrides) -> dict:
+                 max_dice_drop: float | None = None, metric: str = "dice_vs_fp32", validation_patches: int = 8,
+                 max_float_fraction: float = 0.5, **overrides) -> dict:
         """INT8 for any MONAI bundle (zoo layout, or ours): writes model.onnx and model_int8.onnx beside the
         checkpoint's models folder and configs/inference_int8.json, then prints a summary. Run it with:
         python -m monai.bundle run --config_file "['B/configs/inference.json','B/configs/inference_int8.json']"
@@ -32,6 +33,10 @@ class Commands:
         (--dataset_dir D, --datalist [...], --data_list_file_path F), as with monai.bundle run.
         HIGH_PRECISION fp16 / REWRITE_DECONV: TensorRT variants of the INT8 file (FP16 remainder; stride-2
         kernel-2 ConvTranspose as INT8 Conv + depth-to-space); the printed held-out SQNR is the INT8+FP32 file's.
+        MAX_DICE_DROP X (0 < X < 1): accuracy-aware PTQ, the most harmful layers return to float until the Dice
+        drop (METRIC dice_vs_fp32 or dice_vs_labels) on VALIDATION_PATCHES seeded patches of a validation set is
+        <= X, at most MAX_FLOAT_FRACTION of the layers; the validation set comes like the calibration data with
+        --val_ overrides (--val_dataset_dir D2, --val_datalist [...], --val_data_list_file_path F), disjoint.
         """
         from .bundle.quantize_bundle import quantize_bundle
         from .calibrate.quantize import check_high_precision
@@ -40,7 +45,9 @@ class Commands:
         summary = quantize_bundle(bundle, config_file=config_file, meta_file=meta_file, checkpoint=checkpoint,
                                   roi_size=roi_size, calibrator=calibrator, num_patches=num_patches, seed=seed,
                                   exclude=exclude, heldout_patches=heldout_patches, progress=progress,
-                                  calibration_roi=calibration_roi, **overrides)
+                                  calibration_roi=calibration_roi, max_dice_drop=max_dice_drop, metric=metric,
+                                  validation_patches=validation_patches, max_float_fraction=max_float_fraction,
+                                  **overrides)
         root = Path(bundle)
         return _tensorrt_variants(summary, root / summary["int8_onnx"], root / summary["fp32_onnx"], high_precision,
                                   rewrite_deconv)

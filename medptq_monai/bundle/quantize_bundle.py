@@ -34,6 +34,7 @@ from ..export.torch_export import export_fp32
 from ..fileio import sha256_file, write_text_atomic
 from ..machine import PeakRSS
 from ..metrics import sqnr_db
+from .accuracy import check_request, metadata_with_accuracy, split_validation, validation_control
 from .bundle_config import BundleConfig, importable_scripts, inferer_roi, meta_channels, read_bundle
 from .overlay import (
     DIGEST_KEY, FP32_NAME, INT8_NAME, OVERLAY_IDS, OVERLAY_NAME, overlay_text, render_overlay, state_digest, unwrap_state,
@@ -57,6 +58,10 @@ def quantize_bundle(
     heldout_patches: int = 4,
     progress: bool = True,
     calibration_roi: Sequence[int] | None = None,
+    max_dice_drop: float | None = None,
+    metric: str = "dice_vs_fp32",
+    validation_patches: int = 8,
+    max_float_fraction: float = 0.5,
     **overrides: Any,
 ) -> dict:
     """Quantize the bundle at ``bundle_dir`` to INT8 and write its overlay; returns a summary.
@@ -72,14 +77,27 @@ def quantize_bundle(
     metadata ``quantization`` section (see ``bundle_quantization``), else to medptq's defaults.
     ``heldout_patches`` extra patches are drawn with the same seed but kept out of calibration: the
     summary's SQNR (INT8 vs FP32 logits, dB) is measured on them.
+    ``max_dice_drop``: accuracy-aware PTQ (``calibrate/accuracy_control.py``): the most harmful layers go back
+    to float until the Dice drop (``metric`` ``dice_vs_fp32`` or ``dice_vs_labels``) on ``validation_patches``
+    seeded patches of a validation set meets it. The validation set is the bundle's ``dataset`` with the
+    ``val_``-prefixed overrides (``val_dataset_dir=...``), disjoint from the calibration data; the metadata's
+    hand-picked ``float_layers`` are then not used (unless ``exclude`` is given). The choice is recorded in
+    the INT8 file and in the bundle metadata's ``quantization.accuracy_control``.
     """
     start = time.perf_counter()
     if int(heldout_patches) < 0:
         raise CalibrationError(f"heldout_patches must be >= 0, got {heldout_patches}")
+    overrides, validation = split_validation(overrides)
+    check_request(max_dice_drop, metric, validation)
+    if max_dice_drop is not None and exclude is None:
+        exclude = ()  # accuracy control chooses the float layers
     with PeakRSS() as memory:
         bundle = read_bundle(bundle_dir, config_file, meta_file, **overrides)
         settings = bundle_quantization(bundle, calibrator=calibrator, num_patches=num_patches, seed=seed,
                                        exclude=exclude, calibration_roi=calibration_roi)
+        if max_dice_drop is not None:
+            settings.accuracy = {"max_dice_drop": max_dice_drop, "metric": metric, "validation": validation,
+                                 "num_patches": validation_patches, "max_float_fraction": max_float_fraction}
         with importable_scripts(bundle.root):
             summary = _quantize(bundle, checkpoint, roi_size, settings, int(heldout_patches), progress, overrides)
     summary["bundle"] = os.fspath(bundle_dir)
@@ -97,6 +115,7 @@ class Settings:
     num_patches: int
     max_calibration_roi: int | None = None
     calibration_roi: tuple[int, ...] | None = None
+    accuracy: dict[str, Any] | None = None  # the accuracy-control request (``quantize_bundle`` arguments)
 
 
 def bundle_quantization(bundle: BundleConfig, calibrator: str | None = None, num_patches: int | None = None,
@@ -173,6 +192,12 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
     options, num_patches = settings.options, settings.num_patches
     same_roi = calib_roi == tuple(roi)
     plan = PatchPlan(roi_size=calib_roi, num_patches=num_patches + (heldout if same_roi else 0), seed=options.seed)
+    accuracy = None
+    if settings.accuracy is not None:
+        request = settings.accuracy
+        accuracy = validation_control(bundle, dataset, overrides, request["validation"], request["max_dice_drop"],
+                                      request["metric"], request["num_patches"], options.seed, roi, num_classes,
+                                      image_key, request["max_float_fraction"])
 
     scratch_parent = models if models.is_dir() else bundle.root
     with tempfile.TemporaryDirectory(prefix=".quantizing-", dir=scratch_parent) as scratch:
@@ -190,7 +215,8 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
         with tqdm(total=num_patches, desc=f"calibrating ({options.calibrator})", unit="patch",
                   disable=not progress) as bar:
             result = quantize_onnx(fp32, int8, split, options, source_sha256=sha256_file(ckpt),
-                                   on_patch=lambda _n: bar.update(1), calibration_model=calibration_model)
+                                   on_patch=lambda _n: bar.update(1), calibration_model=calibration_model,
+                                   accuracy=accuracy)
         if calibration_model is not None:
             calibration_model.unlink()
             held_plan = PatchPlan(roi_size=roi, num_patches=heldout, seed=options.seed + 1)
@@ -198,7 +224,15 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
                                              num_volumes=len(dataset))) if heldout else []
         overlay = render_overlay(None if roi_from_inferer else roi, bundle.has("device"), bundle.has("models_dir"))
         sqnr, engine = _heldout_sqnr(bundle, overlay, overrides, fp32, int8, split.held)
+        meta_text = None
+        if result.accuracy is not None:
+            meta_text = metadata_with_accuracy(bundle.meta_file, {
+                **result.accuracy.summary(), "validation": {k: str(v) for k, v in settings.accuracy["validation"].items()},
+                "validation_patches": len(accuracy.validation.images), "calibrator": options.calibrator,
+                "seed": options.seed})
         _commit(bundle.root, models, fp32, int8, overlay)
+        if meta_text is not None:
+            write_text_atomic(bundle.meta_file, meta_text)
     fp32_final, int8_final = models / FP32_NAME, models / INT8_NAME
     fp32_bytes, int8_bytes = fp32_final.stat().st_size, int8_final.stat().st_size
     return {
@@ -222,6 +256,7 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
         "heldout_patches": len(split.held),
         "sqnr_db": sqnr,
         "sqnr_engine": engine,
+        **({"accuracy_control": result.accuracy.summary()} if result.accuracy is not None else {}),
     }
 
 

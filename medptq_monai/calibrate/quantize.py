@@ -31,6 +31,7 @@ from ..errors import CalibrationError, UnknownNameError
 from ..export.onnx_model import io_spec, load_onnx, metadata, save_onnx, set_metadata
 from ..export.trt_check import assert_tensorrt_compatible
 from ..fileio import sha256_file
+from .accuracy_control import AccuracyControl, AccuracyResult, choose_float_nodes
 from .calibrators import CALIBRATORS, DEFAULT_CALIBRATOR, MAX_PASS_BYTES, check_calibrator, collect_ranges
 
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -117,6 +118,7 @@ class QuantizeResult:
     quantized_nodes: list[str]
     excluded_nodes: list[str]
     metadata: dict[str, str]
+    accuracy: AccuracyResult | None = None  # what accuracy control chose and measured, when it ran
 
 
 def select_nodes(model: onnx.ModelProto, options: QuantizeOptions) -> tuple[list[str], list[str], set[str]]:
@@ -270,11 +272,14 @@ def quantize_onnx(
     source_sha256: str | None = None,
     on_patch: Callable[[int], None] | None = None,
     calibration_model: str | os.PathLike | None = None,
+    accuracy: AccuracyControl | None = None,
 ) -> QuantizeResult:
     """Calibrate ``fp32_path`` on ``patches`` and write the INT8 QDQ model to ``out_path`` atomically.
 
     ``calibration_model`` is the same network exported at the (smaller) patch size of ``patches``: its
     activation ranges are computed there and applied to ``fp32_path``'s tensors of the same names.
+    ``accuracy``: return the most harmful layers to float until its Dice budget holds on its validation
+    patches (``accuracy_control.choose_float_nodes``); nothing is written when it cannot be met.
     The result passes ``onnx.checker`` and the static TensorRT check before it is written;
     ``metadata_props`` record calibrator, patch count, seed, source sha256, package version and the
     TensorRT variants applied (``apply_tensorrt_variants``).
@@ -299,6 +304,16 @@ def quantize_onnx(
             calib_pre, spec.input_name, _checked(patches, calib_spec.input_shape), options.calibrator, tensors, work,
             percentile=options.percentile, on_patch=on_patch, max_pass_bytes=options.max_pass_bytes,
         )
+        decision = None
+        if accuracy is not None:
+            def variant(float_nodes: Sequence[str]) -> onnx.ModelProto:
+                floated = set(float_nodes)
+                return write_qdq(pre, ranges, options, [n for n in chosen if n not in floated],
+                                 [*excluded, *float_nodes], work)
+
+            decision = choose_float_nodes(accuracy, pre, spec.input_name, chosen, variant)
+            chosen = [n for n in chosen if n not in set(decision.float_nodes)]
+            excluded = [*excluded, *decision.float_nodes]
         int8 = write_qdq(pre, ranges, options, chosen, excluded, work)
         int8, variants = apply_tensorrt_variants(int8, options, load_onnx(pre) if options.rewrite_deconv else None)
         meta = {
@@ -311,6 +326,7 @@ def quantize_onnx(
             "medptq.excluded_nodes": ",".join(excluded),
             "medptq.fp32_sha256": sha256_file(fp32_path),
             **variants,
+            **(decision.metadata() if decision is not None else {}),
         }
         if CALIBRATORS[options.calibrator].uses_percentile:
             meta["medptq.percentile"] = options.percentile
@@ -325,4 +341,4 @@ def quantize_onnx(
         set_metadata(int8, meta)
         assert_tensorrt_compatible(int8, name=str(out_path))
         save_onnx(int8, out_path)
-    return QuantizeResult(Path(out_path), count, chosen, excluded, {k: str(v) for k, v in meta.items()})
+    return QuantizeResult(Path(out_path), count, chosen, excluded, {k: str(v) for k, v in meta.items()}, decision)
