@@ -222,3 +222,18 @@ def test_no_convolution_is_fused_where_int8_sums_saturate():
         _, fusion = cpu_int8_copy(copy, isa)
         assert (fusion.fused_convolutions, fusion.folded_weights) == (fused, 3 - fused)
         assert ("Relu" in {n.op_type for n in copy.graph.node}) == (fused == 0)
+
+
+def test_engine_loads_an_fp16_remainder_file(small_fp32, small_int8, tmp_path):
+    """Folded weights keep the type DequantizeLinear gives them (float16 in an FP16-remainder file); as float32
+    they made ONNX Runtime refuse the file ("Conv bound to float16 and float")."""
+    from medptq_monai.calibrate.quantize import apply_tensorrt_variants_file
+
+    from conftest import ct_patches
+
+    path = tmp_path / "fp16.onnx"
+    apply_tensorrt_variants_file(small_int8, "fp16", False, small_fp32, out_path=path)
+    x = np.concatenate(ct_patches(2, seed=5))
+    reference = ort.InferenceSession(str(small_fp32), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    out = OnnxRuntimeEngine(path, "int8", "cpu")(torch.from_numpy(x)).numpy()
+    assert out.dtype == np.float32 and sqnr_db(reference, out) > 20

@@ -218,7 +218,9 @@ def fold_weight_dequantize(model: onnx.ModelProto, ops: Iterable[str] = CONV_OPS
         q = numpy_helper.to_array(inits[dq.input[0]])
         axis = next((helper.get_attribute_value(a) for a in dq.attribute if a.name == "axis"), 1)
         zp = _const(dq.input[2], inits) if len(dq.input) > 2 and dq.input[2] else None
-        values = dequantized(q, numpy_helper.to_array(inits[dq.input[1]]), zp, axis % max(q.ndim, 1))
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        # DequantizeLinear outputs its scale's type: float16 in an FP16-remainder file (export/fp16_remainder.py)
+        values = dequantized(q, scale, zp, axis % max(q.ndim, 1)).astype(scale.dtype, copy=False)
         graph.initializer.append(numpy_helper.from_array(values, dq.output[0]))
         graph.node.remove(dq)
         done += 1
