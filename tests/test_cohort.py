@@ -301,22 +301,27 @@ def test_embedded_worker_killed_mid_case_is_replaced_and_its_case_retried(bundle
     runner = threading.Thread(target=lambda: result.update(run_cohort(
         bundle, cohort, out, workers=2, threads=1, progress=False, echo=False)))
     runner.start()
-    killed = None
     me = psutil.Process()
-    deadline = time.time() + 240
-    while killed is None and time.time() < deadline and runner.is_alive():
-        if _manifest_rows(out) >= 2:
-            busy = [p for p in me.children(recursive=True) if _name(p) == "medptq-case"]
-            if busy:
-                busy[0].send_signal(signal.SIGKILL)
-                killed = busy[0].pid
-        time.sleep(0.02)
+    killed = _kill_one_busy(out, runner, lambda: [p for p in me.children(recursive=True) if _name(p) == "medptq-case"])
     runner.join(300)
     assert killed is not None, "no worker was seen running a case"
     assert result["ok"] == GOOD and result["failed"] == 1 and result["retries"] == 1
     rows = _check_outputs(out, cohort, result)
     retried = [r for r in rows.values() if r["attempts"] == 2]
     assert len(retried) == 1 and retried[0]["status"] == "ok" and not retried[0]["worker"].endswith(f":{killed}")
+
+
+def _kill_one_busy(out: Path, runner: threading.Thread, busy) -> int | None:
+    """Once 2 manifest rows exist, SIGKILL the first process ``busy()`` lists (a worker inside a case); its pid."""
+    deadline = time.time() + 240
+    while time.time() < deadline and runner.is_alive():
+        if _manifest_rows(out) >= 2:
+            found = busy()
+            if found:
+                found[0].send_signal(signal.SIGKILL)
+                return found[0].pid
+        time.sleep(0.02)
+    return None
 
 
 def _name(proc: psutil.Process) -> str:
@@ -410,15 +415,7 @@ def test_ray_cluster_cohort_with_a_worker_killed_mid_case(bundle, cohort, ray_cl
     runner = threading.Thread(target=lambda: result.update(run_cohort(
         bundle, cohort, out, workers=2, threads=1, ray_address=ray_cluster, progress=False, echo=False)))
     runner.start()
-    killed = None
-    deadline = time.time() + 240
-    while killed is None and time.time() < deadline and runner.is_alive():
-        if _manifest_rows(out) >= 2:
-            busy = _actor_processes(".run")
-            if busy:
-                busy[0].send_signal(signal.SIGKILL)
-                killed = busy[0].pid
-        time.sleep(0.02)
+    killed = _kill_one_busy(out, runner, lambda: _actor_processes(".run"))
     runner.join(300)
     assert killed is not None, "no actor was seen running a case"
     assert result["mode"] == "ray" and result["workers"] == 2 and result["threads"] == 1

@@ -19,8 +19,8 @@ import numpy as np
 
 from ..calibrate.accuracy_control import AccuracyControl, ValidationSet, check_budget
 from ..calibrate.patches import PatchPlan, sample_patches
-from ..errors import BundleConfigError, CalibrationError, MedPTQError
-from .bundle_config import BundleConfig, read_bundle
+from ..errors import BundleConfigError, CalibrationError
+from .bundle_config import BundleConfig, dataset_images, read_bundle
 
 #: CLI/keyword prefix of the validation set's config overrides (``val_dataset_dir`` -> ``dataset_dir``)
 PREFIX = "val_"
@@ -68,8 +68,8 @@ def _dataset_files(dataset: Any, what: str) -> set[str]:
 
 def validation_control(
     bundle: BundleConfig, calibration_dataset: Any, overrides: Mapping[str, Any], validation: Mapping[str, Any],
-    max_dice_drop: float, metric: str, num_patches: int, seed: int, roi: Sequence[int], num_classes: int,
-    image_key: str, max_float_fraction: float,
+    max_dice_drop: float, metric: str, num_patches: int, seed: int, roi: Sequence[int], in_channels: int,
+    num_classes: int, image_key: str, max_float_fraction: float,
 ) -> AccuracyControl:
     """The bundle's validation set (its ``dataset`` with the validation overrides) as an ``AccuracyControl``."""
     if int(num_patches) < 1:
@@ -83,7 +83,7 @@ def validation_control(
         raise CalibrationError(f"the validation set shares {len(shared)} file(s) with the calibration data (e.g. "
                                f"{sorted(shared)[0]}): give disjoint data")
     with_labels = metric == "dice_vs_labels"
-    stacked = list(_stacked(dataset, image_key, with_labels))
+    stacked = list(_stacked(dataset, image_key, in_channels, checked, with_labels))
     volumes = [v[:-1] if with_labels else v for v in stacked]
     labels = [np.rint(v[-1]).astype(np.int64) for v in stacked] if with_labels else None
     plan = PatchPlan(roi_size=tuple(int(r) for r in roi), num_patches=int(num_patches), seed=int(seed) + 1009)
@@ -95,26 +95,21 @@ def validation_control(
                            metric, float(max_float_fraction))
 
 
-def _stacked(dataset: Any, image_key: str, with_labels: bool) -> Iterator[np.ndarray]:
+def _stacked(dataset: Any, image_key: str, in_channels: int, bundle: BundleConfig,
+             with_labels: bool) -> Iterator[np.ndarray]:
     """Each preprocessed validation image ``[C, D, H, W]``, with its label as one more channel when asked."""
-    for index in range(len(dataset)):
-        try:
-            item = dataset[index]
-        except MedPTQError:
-            raise
-        except Exception as err:
-            raise CalibrationError(f"validation item {index} could not be loaded through the bundle's "
-                                   f"`preprocessing`: {str(err).strip().splitlines()[0]}") from err
-        image = np.asarray(item[image_key], np.float32)
+    what = "the validation `dataset`"
+    for index, (item, image) in enumerate(dataset_images(dataset, image_key, in_channels, bundle, what)):
+        image = np.asarray(image, np.float32)
         if not with_labels:
             yield image
             continue
-        if LABEL_KEY not in item:
-            raise CalibrationError(f"metric dice_vs_labels: validation item {index} has no {LABEL_KEY!r} after "
+        if not isinstance(item, Mapping) or LABEL_KEY not in item:
+            raise CalibrationError(f"metric dice_vs_labels: {what} item {index} has no {LABEL_KEY!r} after "
                                    "`preprocessing` (give a datalist with 'label' entries)")
         label = np.asarray(item[LABEL_KEY], np.float32)
         if label.shape[-3:] != image.shape[-3:]:
-            raise CalibrationError(f"validation item {index}: label shape {label.shape} does not match the image "
+            raise CalibrationError(f"{what} item {index}: label shape {label.shape} does not match the image "
                                    f"{image.shape} after `preprocessing`")
         yield np.concatenate([image, label.reshape(1, *label.shape[-3:])])
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
 
-from ..errors import BundleConfigError
+from ..errors import BundleConfigError, CalibrationError, MedPTQError
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 META_NAME = "metadata.json"
@@ -177,3 +177,34 @@ def importable_scripts(root: Path) -> Iterator[None]:
         sys.dont_write_bytecode = bytecode
         with contextlib.suppress(ValueError):
             sys.path.remove(str(root))
+
+
+def dataset_images(dataset: Any, image_key: str, in_channels: int, bundle: BundleConfig,
+                   what: str = "`dataset`") -> Iterator[tuple[Any, Any]]:
+    """(item, image) for every item of a bundle's ``dataset``, checked: one channel-first ``[C, D, H, W]``
+    volume per item, C = the metadata's input channels. ``what`` names the dataset in errors."""
+    for index in range(len(dataset)):
+        try:
+            item = dataset[index]
+        except MedPTQError:
+            raise
+        except Exception as err:
+            raise CalibrationError(f"{what} item {index} could not be loaded through the bundle's "
+                                   f"`preprocessing`: {str(err).strip().splitlines()[0]}") from err
+        if isinstance(item, list):
+            raise CalibrationError(f"{what} item {index} is a list of crops; calibration needs whole volumes "
+                                   "(an inference dataset, without random crops)")
+        image = item.get(image_key) if isinstance(item, Mapping) else item
+        if image is None:
+            raise BundleConfigError(f"{what} items have no {image_key!r} key (set `image_key`)")
+        name = getattr(image, "meta", {}).get("filename_or_obj", f"item {index}")
+        shape = tuple(image.shape)
+        if len(shape) != 4:
+            raise CalibrationError(f"`preprocessing` gives {name} the shape {shape}; calibration needs channel-first "
+                                   "[C, D, H, W] volumes")
+        if shape[0] != in_channels:
+            raise CalibrationError(
+                f"{what} image {name} has {shape[0]} channel(s) after `preprocessing`, but the network takes "
+                f"{in_channels} ({bundle.meta_file}: inputs.image.num_channels)"
+            )
+        yield item, image

@@ -35,7 +35,7 @@ from ..fileio import sha256_file, write_text_atomic
 from ..machine import PeakRSS
 from ..metrics import sqnr_db
 from .accuracy import check_request, metadata_with_accuracy, split_validation, validation_control
-from .bundle_config import BundleConfig, importable_scripts, inferer_roi, meta_channels, read_bundle
+from .bundle_config import BundleConfig, dataset_images, importable_scripts, inferer_roi, meta_channels, read_bundle
 from .overlay import (
     DIGEST_KEY, FP32_NAME, INT8_NAME, OVERLAY_IDS, OVERLAY_NAME, overlay_text, render_overlay, state_digest, unwrap_state,
 )
@@ -196,8 +196,8 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
     if settings.accuracy is not None:
         request = settings.accuracy
         accuracy = validation_control(bundle, dataset, overrides, request["validation"], request["max_dice_drop"],
-                                      request["metric"], request["num_patches"], options.seed, roi, num_classes,
-                                      image_key, request["max_float_fraction"])
+                                      request["metric"], request["num_patches"], options.seed, roi, in_channels,
+                                      num_classes, image_key, request["max_float_fraction"])
 
     scratch_parent = models if models.is_dir() else bundle.root
     with tempfile.TemporaryDirectory(prefix=".quantizing-", dir=scratch_parent) as scratch:
@@ -350,32 +350,8 @@ def _export(network: torch.nn.Module, dest: Path, ckpt: Path, in_channels: int, 
 
 
 def _volumes(dataset: Any, image_key: str, in_channels: int, bundle: BundleConfig) -> Iterator[Any]:
-    """The bundle's preprocessed images, checked: one channel-first [C, D, H, W] volume per item, C = metadata's."""
-    for index in range(len(dataset)):
-        try:
-            item = dataset[index]
-        except MedPTQError:
-            raise
-        except Exception as err:
-            raise CalibrationError(f"`dataset` item {index} could not be loaded through the bundle's "
-                                   f"`preprocessing`: {str(err).strip().splitlines()[0]}") from err
-        if isinstance(item, list):
-            raise CalibrationError(f"`dataset` item {index} is a list of crops; calibration needs whole volumes "
-                                   "(an inference dataset, without random crops)")
-        image = item.get(image_key) if isinstance(item, Mapping) else item
-        if image is None:
-            raise BundleConfigError(f"`dataset` items have no {image_key!r} key (set `image_key`)")
-        name = getattr(image, "meta", {}).get("filename_or_obj", f"item {index}")
-        shape = tuple(image.shape)
-        if len(shape) != 4:
-            raise CalibrationError(f"`preprocessing` gives {name} the shape {shape}; calibration needs channel-first "
-                                   "[C, D, H, W] volumes")
-        if shape[0] != in_channels:
-            raise CalibrationError(
-                f"`dataset` image {name} has {shape[0]} channel(s) after `preprocessing`, but the network takes "
-                f"{in_channels} ({bundle.meta_file}: inputs.image.num_channels)"
-            )
-        yield image
+    """The bundle's preprocessed images, checked (``dataset_images``)."""
+    return (image for _item, image in dataset_images(dataset, image_key, in_channels, bundle))
 
 
 def _heldout_sqnr(bundle: BundleConfig, overlay: dict, overrides: Mapping[str, Any], fp32: Path, int8: Path,
