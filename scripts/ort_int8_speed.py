@@ -454,6 +454,8 @@ def main() -> int:
         if not args.micro and before.get("micro"):
             report.update({k: before[k] for k in ("micro", "micro_repeats", "micro_command") if k in before})
     out.mkdir(parents=True, exist_ok=True)
+    # scratch model folders (outside the repository) are named from $TMPDIR, never by absolute path
+    report = json.loads(json.dumps(report).replace(str(Path(tempfile.gettempdir()).resolve()) + os.sep, "$TMPDIR/"))
     write_text_atomic(out / "ort_int8.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "ort_int8.md", render(report))
     print(render(report))
