@@ -20,8 +20,8 @@ class Commands:
                  calibration_roi=None, high_precision: str = "fp32", rewrite_deconv: bool = False,
                  max_dice_drop: float | None = None, metric: str = "dice_vs_fp32", validation_patches: int = 8,
                  max_float_fraction: float = 0.5, **overrides) -> dict:
-        """INT8 for any MONAI bundle (zoo layout, or ours): writes model.onnx and model_int8.onnx beside the
-        checkpoint's models folder and configs/inference_int8.json, then prints a summary. Run it with:
+        """INT8 for any MONAI bundle (zoo layout, or ours): writes model.onnx and model_int8.onnx into the
+        bundle's models_dir (models/ when it has none) and configs/inference_int8.json, then prints a summary. Run it with:
         python -m monai.bundle run --config_file "['B/configs/inference.json','B/configs/inference_int8.json']"
         --bundle_root B --dataset_dir D.
 

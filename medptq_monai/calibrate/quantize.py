@@ -312,7 +312,8 @@ def quantize_onnx(
                                  [*excluded, *float_nodes], work)
 
             decision = choose_float_nodes(accuracy, pre, spec.input_name, chosen, variant)
-            chosen = [n for n in chosen if n not in set(decision.float_nodes)]
+            floated = set(decision.float_nodes)
+            chosen = [n for n in chosen if n not in floated]
             excluded = [*excluded, *decision.float_nodes]
         int8 = write_qdq(pre, ranges, options, chosen, excluded, work)
         int8, variants = apply_tensorrt_variants(int8, options, load_onnx(pre) if options.rewrite_deconv else None)
