@@ -2,7 +2,9 @@
 
 Per bundle: export + INT8 calibration in a subprocess (peak RSS = ``calib_peak_bytes``), ONNX sizes, and
 per-patch latency (median) of torch FP32 eager, ONNX Runtime FP32/INT8 and OpenVINO FP32/INT8 on one
-real CT patch, with the output SQNR of each engine's logits vs torch FP32. Bundles without full-size
+real CT patch, with the output SQNR of each engine's logits vs torch FP32. With NNCF installed (the
+``peer`` extra), NNCF's ``nncf.quantize`` of the same FP32 ONNX on the same calibration patches runs on
+OpenVINO beside medptq's INT8: latency, IR size, SQNR and Dice vs FP32 for both. Bundles without full-size
 weights get seeded random weights (``weights: "random, seed 0"``): timing, size, memory and SQNR do not
 need trained weights. Writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` atomically.
 """
@@ -22,6 +24,7 @@ import torch
 
 from .benchmark import CPU_ROWS, RowSpec, _fmt, _plain, cut_patch, run_calibration, time_calls, write_reports
 from .bundle.paths import paired_datalist
+from .bundle.quantize_bundle import calibration_patches
 from .bundle.runner import bundle_parser
 from .engines import create_engine
 from .engines.tensorrt_engine import tensorrt_available
@@ -29,13 +32,15 @@ from .export.onnx_model import load_onnx, metadata
 from .errors import InputImageError, MedPTQError, UnknownNameError
 from .fileio import atomic_path
 from .machine import machine_info, machine_line
-from .metrics import sqnr_db
+from .metrics import dice_per_class, mean_dice, sqnr_db
+from .peers.nncf_peer import nncf_quantize, nncf_version, openvino_ir_bytes
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "medptq-benchmark-suite-v1"
 MIB = 1 << 20
 QUICK = {"repeats": 1, "warmup": 1, "calib_patches": 2}
+NNCF_KEY = "nncf_openvino_int8"
 
 
 def row_key(spec: RowSpec) -> str:
@@ -95,8 +100,52 @@ def _static_checks(int8: Path) -> dict[str, Any]:
             "float_weight_qdq": count_float_weight_qdq(model)}
 
 
+def dice_vs_fp32(reference: np.ndarray, logits: np.ndarray, num_classes: int) -> float | None:
+    """Class-mean foreground Dice of the argmax of ``logits`` vs the argmax of FP32 ``reference`` (None: FP32 has no
+    foreground)."""
+    return mean_dice(dice_per_class(logits.argmax(1), reference.argmax(1), num_classes))
+
+
+def bench_nncf(bundle: Path, calib_dir: Path, models: Path, patch: torch.Tensor, reference: np.ndarray | None,
+               num_classes: int, warmup: int, repeats: int, calib_patches: int | None) -> dict[str, Any]:
+    """NNCF's ``nncf.quantize`` of ``models/model.onnx`` on the patches ``medptq quantize`` calibrated on (same
+    bundle, data, count, seed), run by the OpenVINO engine on ``patch``; ``status`` "not installed" without NNCF."""
+    version = nncf_version()
+    if version is None:
+        return {"status": "not installed"}
+    patches = calibration_patches(bundle, num_patches=calib_patches, heldout_patches=0, dataset_dir=str(calib_dir),
+                                  models_dir=str(models))
+    fp32 = models / "model.onnx"
+    other_size = tuple(patches[0].shape[2:]) != tuple(patch.shape[2:])
+    start = time.perf_counter()
+    xml = nncf_quantize(fp32, patches, models, calibrate_at_patch_size=other_size)
+    out: dict[str, Any] = {"status": "ok", "version": version, "quantize_seconds": time.perf_counter() - start,
+                           "calib_patches": len(patches), "calib_roi_size": [int(d) for d in patches[0].shape[2:]],
+                           "ir_bytes": openvino_ir_bytes(xml)}
+    del patches
+    engine = result = None
+    try:
+        with torch.no_grad():
+            engine = create_engine("openvino", xml, "int8", "cpu")
+            times, result = time_calls(lambda: engine(patch), warmup, repeats)
+            logits = _plain(result).float().cpu().numpy()
+            info = engine.describe()
+            precisions = engine.runtime_precisions()
+    finally:
+        engine = result = None
+        gc.collect()
+    convolutions = {p: n for (layer, p), n in precisions.items() if layer in ("Convolution", "Deconvolution")}
+    out.update(patch_seconds=float(np.median(times)), patch_times_s=times, isa=info.get("isa"),
+               int8_convolutions=sum(n for p, n in convolutions.items() if p in ("u8", "i8")),
+               convolutions=sum(convolutions.values()))
+    if reference is not None:
+        out["sqnr_db"] = sqnr_db(reference, logits)
+        out["dice_vs_fp32"] = dice_vs_fp32(reference, logits, num_classes)
+    return out
+
+
 def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int,
-                 calib_patches: int | None) -> dict[str, Any]:
+                 calib_patches: int | None, nncf: bool = True) -> dict[str, Any]:
     """Measure one bundle at its full-size default (see the module docstring); returns its row."""
     work.mkdir(parents=True, exist_ok=True)
     parser = bundle_parser(bundle, ["inference.json"])
@@ -121,6 +170,7 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
         "calib_peak_bytes": calibration["calib_peak_bytes"], "calib_seconds": calibration["seconds"],
         "calib_patches": calib_patches, "float_layers": len(meta.get("quantization", {}).get("float_layers", [])),
         "patch_seconds": {}, "patch_times_s": {}, "sqnr_db_by_engine": {}, "errors": {}, "int8_isa": {},
+        "dice_vs_fp32": {},
     }
     calib_roi = metadata(load_onnx(int8, load_weights=False)).get("medptq.calibration_roi")
     row["calib_roi_size"] = [int(d) for d in calib_roi.split("x")] if calib_roi else roi
@@ -156,6 +206,22 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
             reference = logits
         elif reference is not None:
             row["sqnr_db_by_engine"][key] = sqnr_db(reference, logits)
+            if key == "openvino_int8":
+                row["dice_vs_fp32"][key] = dice_vs_fp32(reference, logits, num_classes)
+        logits = None
+    row["nncf"] = {"status": "off"}
+    if nncf:
+        logger.info("bench %s: NNCF INT8 (OpenVINO)", bundle.name)
+        try:
+            row["nncf"] = bench_nncf(bundle, calib_dir, models, patch, reference, num_classes, warmup, repeats,
+                                     calib_patches)
+        except Exception as err:  # the peer failing must not lose medptq's own measurements
+            logger.exception("bench %s: NNCF failed", bundle.name)
+            row["nncf"] = {"status": "failed"}
+            row["errors"][NNCF_KEY] = f"{type(err).__name__}: {err}"
+        if "dice_vs_fp32" in row["nncf"]:
+            row["dice_vs_fp32"][NNCF_KEY] = row["nncf"]["dice_vs_fp32"]
+    reference = None
     ps = row["patch_seconds"]
     row["sqnr_db"] = row["sqnr_db_by_engine"].get("openvino_int8", row["sqnr_db_by_engine"].get("onnxruntime_int8"))
     row["speedup_openvino_int8_vs_torch"] = (ps["torch_fp32"] / ps["openvino_int8"]
@@ -213,6 +279,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{'ok' if not r['tensorrt_check_issues'] else str(len(r['tensorrt_check_issues'])) + ' issue(s)'} |"
         )
         notes += [f"- {r['bundle']} {k}: {v}" for k, v in r["errors"].items()]
+    lines += nncf_table(report)
     trt = report["tensorrt"]
     lines += [
         "", *notes, *([""] if notes else []),
@@ -224,6 +291,39 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Command: `{' '.join(m['command'])}`", "",
     ]
     return "\n".join(lines)
+
+
+def nncf_table(report: dict[str, Any]) -> list[str]:
+    """Markdown lines: medptq's OpenVINO INT8 and NNCF's side by side per bundle (nothing when NNCF was off)."""
+    state = report["settings"].get("nncf", "off")
+    if state == "off":
+        return []
+    lines = ["", "## NNCF side by side", ""]
+    if state == "not installed":
+        return lines + ["NNCF INT8 (OpenVINO): not installed (`pip install 'medptq-monai[peer]'`).", ""]
+    lines += [
+        f"NNCF {state}: `nncf.quantize` with NNCF's defaults on the same FP32 ONNX and the same calibration patches "
+        "as medptq, run by the same OpenVINO engine on the same patch. Size: medptq's INT8 ONNX vs NNCF's IR "
+        "(.xml + .bin). SQNR and Dice (argmax, mean over foreground classes) vs torch FP32.", "",
+        "| bundle | OV INT8 ms medptq / NNCF | medptq vs NNCF speed | INT8 MB medptq / NNCF | SQNR dB medptq / NNCF "
+        "| Dice vs FP32 medptq / NNCF | NNCF INT8 convs | NNCF quantize s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        peer = r.get("nncf", {})
+        if "error" in r or peer.get("status") != "ok":
+            lines.append(f"| {r['bundle']} | {peer.get('status', 'failed')} |" + " — |" * 6)
+            continue
+        ours = r["patch_seconds"].get("openvino_int8")
+        speed = ours and peer["patch_seconds"] / ours
+        dice = r.get("dice_vs_fp32", {})
+        lines.append(
+            f"| {r['bundle']} | {_fmt(ours, '.0f', 1e3)} / {_fmt(peer['patch_seconds'], '.0f', 1e3)} "
+            f"| {_fmt(speed, '.2f', suffix='x')} | {r['onnx_int8_bytes'] / 1e6:.1f} / {peer['ir_bytes'] / 1e6:.1f} "
+            f"| {_fmt(r['sqnr_db_by_engine'].get('openvino_int8'), '.1f')} / {_fmt(peer.get('sqnr_db'), '.1f')} "
+            f"| {_fmt(dice.get('openvino_int8'), '.4f')} / {_fmt(dice.get(NNCF_KEY), '.4f')} "
+            f"| {peer['int8_convolutions']} of {peer['convolutions']} | {peer['quantize_seconds']:.0f} |")
+    return lines + ["", "medptq vs NNCF speed: NNCF's per-patch time over medptq's (above 1: medptq is faster).", ""]
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
@@ -259,6 +359,7 @@ def run_suite(
     warmup: int = 1,
     calib_patches: int | None = 8,
     threads: int | None = None,
+    nncf: bool = True,
 ) -> dict[str, Any]:
     """Benchmark every bundle under ``bundles_dir`` (or ``only``, comma-separated names) at full size.
 
@@ -266,6 +367,7 @@ def run_suite(
     ``calibration/`` (another patient, used for calibration). ``quick`` sets repeats=1, warmup=1 and
     2 calibration patches. Work files go to ``<out_dir>/work/<bundle>``; the report to
     ``<out_dir>/benchmark.{json,md,png}``. A bundle that fails gets an ``error`` row; the rest still run.
+    ``nncf``: add NNCF's INT8 of each bundle (row ``nncf``; "not installed" without the ``peer`` extra).
     """
     bundles = find_bundles(bundles_dir, only)
     data = Path(data_dir).resolve()
@@ -285,7 +387,7 @@ def run_suite(
             logger.info("benchmark: %s", bundle.name)
             began = time.perf_counter()
             try:
-                row = bench_bundle(bundle, data, out / "work" / bundle.name, repeats, warmup, calib_patches)
+                row = bench_bundle(bundle, data, out / "work" / bundle.name, repeats, warmup, calib_patches, nncf)
             except Exception as err:  # keep the other bundles' rows
                 logger.exception("benchmark of %s failed", bundle.name)
                 row = {"model": bundle.name, "bundle": bundle.name, "error": f"{type(err).__name__}: {err}"}
@@ -299,7 +401,8 @@ def run_suite(
         "schema": SCHEMA,
         "settings": {"bundles_dir": str(Path(bundles_dir).resolve()), "data_dir": str(data), "quick": bool(quick),
                      "repeats": repeats, "warmup": warmup, "calib_patches": calib_patches, "threads": threads,
-                     "engines": [row_key(s) for s in CPU_ROWS]},
+                     "engines": [row_key(s) for s in CPU_ROWS],
+                     "nncf": (nncf_version() or "not installed") if nncf else "off"},
         "machine": machine_info(),
         "tensorrt": {"usable": usable, "reason": reason},
         "seconds": time.perf_counter() - start,

@@ -120,14 +120,15 @@ class Commands:
 
     def bench(self, bundles_dir: str = "bundles", data_dir: str = "tests/data/totalseg_ct", out_dir: str = "reports",
               only: str | None = None, quick: bool = False, repeats: int = 3, warmup: int = 1,
-              calib_patches: int = 8, threads: int | None = None) -> None:
+              calib_patches: int = 8, threads: int | None = None, nncf: bool = True) -> None:
         """All bundles at full size in one run: sizes, calibration peak memory, per-patch latency of torch FP32,
         ONNX Runtime and OpenVINO FP32/INT8, SQNR; reports/benchmark.{json,md,png}. ONLY: comma-separated
-        bundle names. QUICK: 1 timed call, 2 calibration patches."""
+        bundle names. QUICK: 1 timed call, 2 calibration patches. NNCF: NNCF's INT8 on the same patches beside
+        medptq's (needs the peer extra)."""
         from .benchmark_suite import run_suite
 
         run_suite(bundles_dir=bundles_dir, data_dir=data_dir, out_dir=out_dir, only=only, quick=quick,
-                  repeats=repeats, warmup=warmup, calib_patches=calib_patches, threads=threads)
+                  repeats=repeats, warmup=warmup, calib_patches=calib_patches, threads=threads, nncf=nncf)
 
     def bench_volume(self, bundle: str = "bundles/unet_int8", data_dir: str = "tests/data/totalseg_ct",
                      out_dir: str = "reports", repeats: int = 10, warmup: int = 2, engines: str | None = None,

@@ -168,6 +168,27 @@ def _calibration_roi(settings: Settings, roi: Sequence[int]) -> tuple[int, ...]:
     return tuple(calib)
 
 
+def calibration_patches(bundle_dir: str | os.PathLike, config_file: str | os.PathLike | Sequence[str | os.PathLike] | None
+                        = None, meta_file: str | os.PathLike | None = None, roi_size: Sequence[int] | None = None,
+                        num_patches: int | None = None, seed: int | None = None, heldout_patches: int = 4,
+                        calibration_roi: Sequence[int] | None = None, **overrides: Any) -> list[np.ndarray]:
+    """The patches ``quantize_bundle`` with the same arguments calibrates on, in its order (held-back ones left out),
+    each ``[1, C, *calibration roi]`` float32: for another quantizer fed the same data (``medptq bench``'s NNCF)."""
+    overrides, _validation = split_validation(overrides)
+    bundle = read_bundle(bundle_dir, config_file, meta_file, **overrides)
+    settings = bundle_quantization(bundle, num_patches=num_patches, seed=seed, calibration_roi=calibration_roi)
+    with importable_scripts(bundle.root):
+        in_channels, _num_classes = meta_channels(bundle)
+        roi, _from_inferer = inferer_roi(bundle, roi_size)
+        calib_roi = _calibration_roi(settings, roi)
+        dataset = bundle.parsed("dataset", "the calibration data, through the bundle's own preprocessing")
+        _check_not_empty(dataset, bundle)
+        held = int(heldout_patches) if calib_roi == tuple(roi) else 0
+        plan = PatchPlan(roi_size=calib_roi, num_patches=settings.num_patches + held, seed=settings.options.seed)
+        volumes = _volumes(dataset, _image_key(bundle), in_channels, bundle)
+        return list(HeldBack(sample_patches(volumes, plan, num_volumes=len(dataset)), plan.num_patches, held))
+
+
 def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_size: Sequence[int] | None,
               settings: Settings, heldout: int, progress: bool, overrides: Mapping[str, Any]) -> dict:
     bundle.require("network_def", "the network to quantize")

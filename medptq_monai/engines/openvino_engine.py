@@ -13,6 +13,7 @@ import openvino as ov
 import torch
 
 from ..errors import EngineUnavailableError, ModelFileError
+from ..export.onnx_model import IOSpec
 from .base import Engine
 from .concat_conv import split_concat_convolutions
 from .cpu_isa import accumulates_in_32_bits, engine_isa
@@ -27,7 +28,8 @@ class OpenVinoEngine(Engine):
     size (static shapes are faster than a dynamic batch on CPU). Before OpenVINO reads a QDQ model:
     on an INT8 path without 32-bit accumulation (``cpu_isa``; ``ONEDNN_MAX_CPU_ISA`` counts) it is made
     saturation-safe (``saturation``), and convolutions that read a Concat are split per Concat input
-    (OpenVINO computes them wrongly on its AVX2 and AVX-512 VNNI paths; AMX is right).
+    (OpenVINO computes them wrongly on its AVX2 and AVX-512 VNNI paths; AMX is right). An OpenVINO IR
+    (``.xml`` + ``.bin``, e.g. NNCF's INT8) is read as it is.
     """
 
     name = "openvino"
@@ -54,9 +56,29 @@ class OpenVinoEngine(Engine):
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self._compiled: dict[int, ov.CompiledModel] = {}
 
+    def _read_spec(self) -> IOSpec:
+        if self.model_path.suffix != ".xml":
+            return super()._read_spec()
+        if not self.model_path.is_file() or not self.model_path.with_suffix(".bin").is_file():
+            raise ModelFileError(f"OpenVINO IR needs {self.model_path} and its .bin beside it")
+        try:
+            model = ov.Core().read_model(str(self.model_path))
+        except Exception as err:
+            raise ModelFileError(f"OpenVINO cannot read {self.model_path}: {err}") from err
+        if len(model.inputs) != 1:
+            raise ModelFileError(f"expected one image input, {self.model_path} has {len(model.inputs)}")
+
+        def dims(port: ov.Output) -> tuple[int | None, ...]:
+            return tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+
+        return IOSpec(model.input(0).get_any_name(), dims(model.input(0)), model.output(0).get_any_name(),
+                      dims(model.output(0)))
+
     def _read(self, path: Path) -> tuple[ov.Model, int]:
         """Read the ONNX file; a QDQ model is made saturation-safe where needed and its Concat-fed
-        convolutions are split first."""
+        convolutions are split first. An IR is read unchanged."""
+        if path.suffix == ".xml":
+            return self.core.read_model(str(path)), 0
         proto = onnx.load(str(path))
         split = 0
         if any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
