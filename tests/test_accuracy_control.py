@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 from medptq_monai.bundle.quantize_bundle import quantize_bundle
 from medptq_monai.calibrate.accuracy_control import AccuracyBudgetError, AccuracyControl, ValidationSet
 from medptq_monai.calibrate.quantize import QuantizeOptions, quantize_onnx
+from medptq_monai.engines import create_engine, first_cpu_engine
 from medptq_monai.errors import CalibrationError, UnknownNameError
+from medptq_monai.metrics import dice_per_class, mean_dice
 from medptq_monai.export.onnx_model import metadata
 
 from conftest import DATA, ct_patches
@@ -58,15 +59,32 @@ def test_budget_is_met_with_layers_back_in_float_and_the_choice_is_reproducible(
     assert float(meta["medptq.accuracy.dice_drop"]) <= budget and meta["medptq.accuracy.metric"] == "dice_vs_fp32"
     assert set(first.float_nodes) <= set(meta["medptq.excluded_nodes"].split(","))
     assert _float_inputs(tmp_path / "r0.onnx", first.float_nodes)
-    # the drop the file records is the drop of the file written
-    ref, out = _argmax(small_fp32), _argmax(tmp_path / "r0.onnx")
-    from medptq_monai.metrics import dice_per_class, mean_dice
+    assert meta["medptq.accuracy.engine"] == f"{first.engine} ({first.isa})" and first.engine == first_cpu_engine()
+    # the drop the file records is the drop of the file written, on the engine that scored it
+    ref, out = _argmax(small_fp32, first.engine, "fp32"), _argmax(tmp_path / "r0.onnx", first.engine)
     assert 1 - mean_dice(dice_per_class(out, ref, 3)) == pytest.approx(first.dice_drop, abs=1e-6)
 
 
-def _argmax(path: Path) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, {"input": p})[0] for p in VALID]).argmax(axis=1)
+def _argmax(path: Path, engine: str = "onnxruntime", precision: str = "int8") -> np.ndarray:
+    run = create_engine(engine, path, precision)
+    return np.concatenate([run(torch.from_numpy(p)).numpy() for p in VALID]).argmax(axis=1)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_each_cpu_engine_can_score_the_candidates(small_fp32, tmp_path, engine):
+    result = quantize_onnx(small_fp32, tmp_path / "int8.onnx", CALIB, OPTIONS, accuracy=_control(0.5, engine=engine))
+    assert result.accuracy.engine == engine and result.accuracy.isa
+    drop = 1 - mean_dice(dice_per_class(_argmax(tmp_path / "int8.onnx", engine),
+                                        _argmax(small_fp32, engine, "fp32"), 3))
+    assert drop == pytest.approx(result.accuracy.dice_drop, abs=1e-6)
+
+
+def test_an_engine_that_cannot_score_candidates_is_refused():
+    with pytest.raises(UnknownNameError, match="registered engines: auto, torch"):
+        _control(0.01, engine="tflite")
+    for engine in ("torch", "tensorrt"):
+        with pytest.raises(UnknownNameError, match="CPU INT8 engine"):
+            _control(0.01, engine=engine)
 
 
 def test_dice_vs_labels_matches_dice_vs_fp32_when_the_labels_are_the_fp32_segmentation(small_fp32, tmp_path):
@@ -133,6 +151,7 @@ def test_bundle_quantize_meets_the_budget_and_records_it(zoo_bundle):
     assert meta["validation"] == {"dataset_dir": str(DATA / "calibration")} and meta["validation_patches"] == 4
     int8 = metadata(onnx.load(str(zoo_bundle / "models" / "model_int8.onnx")))
     assert int8["medptq.accuracy.max_dice_drop"] == "0.02"
+    assert meta["engine"] == first_cpu_engine() and int8["medptq.accuracy.engine"].startswith(meta["engine"])
 
 
 @pytest.mark.parametrize("kwargs, kind, match", [
@@ -144,7 +163,9 @@ def test_bundle_quantize_meets_the_budget_and_records_it(zoo_bundle):
      "unknown accuracy metric"),
     ({"max_dice_drop": 0.01, "metric": "dice_vs_labels", "val_dataset_dir": str(DATA / "calibration")},
      CalibrationError, "has no 'label'"),
-], ids=["overlap", "no-validation", "no-budget", "zero-budget", "metric", "no-labels"])
+    ({"max_dice_drop": 0.01, "accuracy_engine": "torch", "val_dataset_dir": str(DATA / "calibration")},
+     UnknownNameError, "CPU INT8 engine"),
+], ids=["overlap", "no-validation", "no-budget", "zero-budget", "metric", "no-labels", "engine"])
 def test_bad_accuracy_requests_write_nothing(zoo_bundle, kwargs, kind, match):
     before = sorted(p.relative_to(zoo_bundle) for p in zoo_bundle.rglob("*"))
     meta = (zoo_bundle / "configs" / "metadata.json").read_bytes()

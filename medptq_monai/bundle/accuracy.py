@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..calibrate.accuracy_control import AccuracyControl, ValidationSet, check_budget
+from ..calibrate.accuracy_control import AccuracyControl, ValidationSet, check_budget, check_evaluation_engine
 from ..calibrate.patches import PatchPlan, sample_patches
 from ..errors import BundleConfigError, CalibrationError
 from .bundle_config import BundleConfig, dataset_images, read_bundle
@@ -34,14 +34,17 @@ def split_validation(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict
     return calibration, validation
 
 
-def check_request(max_dice_drop: float | None, metric: str, validation: Mapping[str, Any]) -> None:
-    """Refuse a bad budget or metric, a budget without a validation set and a validation set without budget."""
+def check_request(max_dice_drop: float | None, metric: str, validation: Mapping[str, Any],
+                  engine: str = "auto") -> None:
+    """Refuse a bad budget, metric or engine, a budget without a validation set and a validation set without
+    budget."""
     if max_dice_drop is None:
         if validation:
             raise CalibrationError(f"validation data ({', '.join(PREFIX + k for k in validation)}) were given "
                                    "without --max_dice_drop")
         return
     check_budget(max_dice_drop, metric)
+    check_evaluation_engine(engine)
     if not validation:
         raise CalibrationError("--max_dice_drop needs a validation set disjoint from the calibration data: "
                                "--val_dataset_dir D, --val_datalist [...] or --val_data_list_file_path F")
@@ -69,7 +72,7 @@ def _dataset_files(dataset: Any, what: str) -> set[str]:
 def validation_control(
     bundle: BundleConfig, calibration_dataset: Any, overrides: Mapping[str, Any], validation: Mapping[str, Any],
     max_dice_drop: float, metric: str, num_patches: int, seed: int, roi: Sequence[int], in_channels: int,
-    num_classes: int, image_key: str, max_float_fraction: float,
+    num_classes: int, image_key: str, max_float_fraction: float, engine: str = "auto",
 ) -> AccuracyControl:
     """The bundle's validation set (its ``dataset`` with the validation overrides) as an ``AccuracyControl``."""
     if int(num_patches) < 1:
@@ -92,7 +95,7 @@ def validation_control(
     if hasattr(inferer, "progress"):
         inferer.progress = False
     return AccuracyControl(float(max_dice_drop), ValidationSet(patches, labels, volumes, inferer), num_classes,
-                           metric, float(max_float_fraction))
+                           metric, float(max_float_fraction), engine)
 
 
 def _stacked(dataset: Any, image_key: str, in_channels: int, bundle: BundleConfig,

@@ -62,6 +62,7 @@ def quantize_bundle(
     metric: str = "dice_vs_fp32",
     validation_patches: int = 8,
     max_float_fraction: float = 0.5,
+    accuracy_engine: str = "auto",
     **overrides: Any,
 ) -> dict:
     """Quantize the bundle at ``bundle_dir`` to INT8 and write its overlay; returns a summary.
@@ -81,14 +82,15 @@ def quantize_bundle(
     to float until the Dice drop (``metric`` ``dice_vs_fp32`` or ``dice_vs_labels``) on ``validation_patches``
     seeded patches of a validation set meets it. The validation set is the bundle's ``dataset`` with the
     ``val_``-prefixed overrides (``val_dataset_dir=...``), disjoint from the calibration data; the metadata's
-    hand-picked ``float_layers`` are then not used (unless ``exclude`` is given). The choice is recorded in
-    the INT8 file and in the bundle metadata's ``quantization.accuracy_control``.
+    hand-picked ``float_layers`` are then not used (unless ``exclude`` is given). The candidates run on the CPU
+    engine ``accuracy_engine`` (``auto``: OpenVINO when installed). The choice is recorded in the INT8 file and
+    in the bundle metadata's ``quantization.accuracy_control``.
     """
     start = time.perf_counter()
     if int(heldout_patches) < 0:
         raise CalibrationError(f"heldout_patches must be >= 0, got {heldout_patches}")
     overrides, validation = split_validation(overrides)
-    check_request(max_dice_drop, metric, validation)
+    check_request(max_dice_drop, metric, validation, accuracy_engine)
     if max_dice_drop is not None and exclude is None:
         exclude = ()  # accuracy control chooses the float layers
     with PeakRSS() as memory:
@@ -97,7 +99,8 @@ def quantize_bundle(
                                        exclude=exclude, calibration_roi=calibration_roi)
         if max_dice_drop is not None:
             settings.accuracy = {"max_dice_drop": max_dice_drop, "metric": metric, "validation": validation,
-                                 "num_patches": validation_patches, "max_float_fraction": max_float_fraction}
+                                 "num_patches": validation_patches, "max_float_fraction": max_float_fraction,
+                                 "engine": accuracy_engine}
         with importable_scripts(bundle.root):
             summary = _quantize(bundle, checkpoint, roi_size, settings, int(heldout_patches), progress, overrides)
     summary["bundle"] = os.fspath(bundle_dir)
@@ -218,7 +221,7 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
         request = settings.accuracy
         accuracy = validation_control(bundle, dataset, overrides, request["validation"], request["max_dice_drop"],
                                       request["metric"], request["num_patches"], options.seed, roi, in_channels,
-                                      num_classes, image_key, request["max_float_fraction"])
+                                      num_classes, image_key, request["max_float_fraction"], request["engine"])
 
     scratch_parent = models if models.is_dir() else bundle.root
     with tempfile.TemporaryDirectory(prefix=".quantizing-", dir=scratch_parent) as scratch:

@@ -14,9 +14,10 @@ patches that calibration never saw. The procedure, with N quantizable nodes:
 
 So a 100-layer model needs 101 short evaluations (patches) and about 1 + 1 + 6 = 8 scored ones. The budget
 is scored on whole validation volumes segmented by the bundle's own inferer (sliding window, blending) when
-they are given, else on the patches. Candidates run on ONNX Runtime with their weights dequantized once (as
-the ONNX Runtime engine loads them), not re-dequantized per call. When even the largest allowed
-float set misses the budget, ``AccuracyBudgetError`` reports the best drop measured.
+they are given, else on the patches. Every candidate (and the FP32 reference) runs on a CPU engine of the
+registry, as the bundle will run it (``engine``; ``auto``: OpenVINO when installed, else ONNX Runtime), so
+the drop recorded is the drop of that engine on this host's INT8 path (``cpu_isa``). When even the largest
+allowed float set misses the budget, ``AccuracyBudgetError`` reports the best drop measured.
 
 Metrics: ``dice_vs_fp32`` (the drop is 1 - Dice of the INT8 argmax against the FP32 argmax) or
 ``dice_vs_labels`` (FP32 Dice vs labels minus INT8 Dice vs labels). Dice is pooled over all validation
@@ -26,6 +27,7 @@ voxels, per foreground class present in the reference, then averaged over classe
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,11 +36,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
-from ..engines.ort_fused import fold_weight_dequantize
+from ..engines import AUTO, Engine, create_engine, engine_spec, first_cpu_engine
 from ..errors import CalibrationError, UnknownNameError
+from ..export.onnx_model import save_onnx
 from ..metrics import dice_per_class, mean_dice, sqnr_db
 
 METRICS = ("dice_vs_fp32", "dice_vs_labels")
@@ -55,6 +57,17 @@ def check_budget(max_dice_drop: float, metric: str = "dice_vs_fp32") -> None:
     if isinstance(max_dice_drop, bool) or not isinstance(max_dice_drop, (int, float)) \
             or not 0.0 < float(max_dice_drop) < 1.0:
         raise CalibrationError(f"max_dice_drop must be a number strictly between 0 and 1, got {max_dice_drop!r}")
+
+
+def check_evaluation_engine(name: str) -> str:
+    """The CPU engine that will score the candidates (``auto``: the first installed CPU engine)."""
+    if name == AUTO:
+        return first_cpu_engine()
+    spec = engine_spec(name)  # an unknown name lists the registered ones
+    if "cpu" not in spec.devices or "int8" not in spec.precisions:
+        raise UnknownNameError(f"accuracy control scores candidates on a CPU INT8 engine; {name!r} is not one "
+                               "(choose auto, onnxruntime or openvino)")
+    return name
 
 
 @dataclass
@@ -88,9 +101,11 @@ class AccuracyControl:
     num_classes: int
     metric: str = "dice_vs_fp32"
     max_float_fraction: float = 0.5
+    engine: str = AUTO
 
     def __post_init__(self) -> None:
         check_budget(self.max_dice_drop, self.metric)
+        check_evaluation_engine(self.engine)
         if not self.validation.images:
             raise CalibrationError("the validation set is empty: accuracy control needs validation patches")
         if self.validation.volumes and self.validation.inferer is None:
@@ -118,6 +133,8 @@ class AccuracyResult:
     seconds: float
     max_dice_drop: float
     metric: str
+    engine: str = ""
+    isa: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def metadata(self) -> dict[str, str]:
@@ -129,6 +146,7 @@ class AccuracyResult:
             "medptq.accuracy.dice_drop_all_int8": f"{self.dice_drop_all_int8:.5f}",
             "medptq.accuracy.float_nodes": ",".join(self.float_nodes),
             "medptq.accuracy.evaluations": str(self.evaluations),
+            "medptq.accuracy.engine": f"{self.engine} ({self.isa})",
         }
 
     def summary(self) -> dict[str, Any]:
@@ -136,18 +154,22 @@ class AccuracyResult:
         return {"metric": self.metric, "max_dice_drop": self.max_dice_drop, "dice_drop": round(self.dice_drop, 5),
                 "dice_drop_all_int8": round(self.dice_drop_all_int8, 5), "sqnr_db": round(self.sqnr_db, 2),
                 "float_layers": list(self.float_nodes), "evaluations": self.evaluations,
-                "seconds": round(self.seconds, 1)}
+                "seconds": round(self.seconds, 1), "engine": self.engine, "isa": self.isa}
 
 
 class _Evaluator:
-    """Runs Q/DQ variants of one pre-processed model on the validation patches and scores them."""
+    """Runs Q/DQ variants of one pre-processed model on a CPU engine and scores them on the validation set."""
 
-    def __init__(self, control: AccuracyControl, pre: Path, input_name: str,
+    def __init__(self, control: AccuracyControl, pre: Path, work: Path,
                  write: Callable[[Sequence[str]], onnx.ModelProto]) -> None:
-        self.control, self.input_name, self.write = control, input_name, write
+        self.control, self.work, self.write = control, work, write
+        self.engine_name = check_evaluation_engine(control.engine)
+        self.isa = ""
         self.count = 0
-        self.rank_reference = self._logits(str(pre), control.validation.images)
-        self.reference = self._scored_logits(str(pre)) if control.validation.volumes else self.rank_reference
+        reference = self._engine(pre, "fp32")
+        self.rank_reference = self._logits(reference, control.validation.images)
+        self.reference = self._scored_logits(reference) if control.validation.volumes else self.rank_reference
+        del reference
         self.reference_pred = self.reference.argmax(axis=0)
         labels = control.validation.labels
         self.labels = np.concatenate([np.asarray(lab).ravel() for lab in labels]) if labels is not None else None
@@ -156,35 +178,35 @@ class _Evaluator:
                                    "is undefined (give validation data with the structures the model segments)")
         self.fp32_vs_labels = self._dice(self.reference_pred, self.labels) if self.labels is not None else None
 
-    def _session(self, model: str | onnx.ModelProto) -> ort.InferenceSession:
-        if isinstance(model, onnx.ModelProto):  # weights dequantized once, as the ONNX Runtime engine loads them
-            fold_weight_dequantize(model)
-            model = model.SerializeToString()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    def _engine(self, model: Path | onnx.ModelProto, precision: str = "int8") -> Engine:
+        """The evaluation engine loaded with ``model`` (a candidate is written to the work folder first)."""
+        if isinstance(model, onnx.ModelProto):
+            path = self.work / "candidate.onnx"
+            save_onnx(model, path)
+            model = path
+        engine = create_engine(self.engine_name, model, precision, "cpu")
+        if precision == "int8":
+            self.isa = engine.describe().get("isa", "")
+        return engine
 
-    def _logits(self, model: str | onnx.ModelProto, patches: Sequence[np.ndarray]) -> np.ndarray:
+    @staticmethod
+    def _logits(engine: Engine, patches: Sequence[np.ndarray]) -> np.ndarray:
         """Logits of ``patches`` as ``[classes, voxels]`` (patches concatenated)."""
-        session = self._session(model)
-        out = np.concatenate([session.run(None, {self.input_name: p})[0] for p in patches])
+        with torch.no_grad():
+            out = np.concatenate([engine(torch.from_numpy(p)).float().cpu().numpy() for p in patches])
         return np.moveaxis(out, 1, 0).reshape(out.shape[1], -1)
 
-    def _scored_logits(self, model: str | onnx.ModelProto) -> np.ndarray:
+    def _scored_logits(self, engine: Engine) -> np.ndarray:
         """``[classes, voxels]`` logits of what the budget is scored on (whole volumes through the inferer)."""
         validation = self.control.validation
         if not validation.volumes:
-            return self._logits(model, validation.images)
-        session = self._session(model)
-
-        def network(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {self.input_name: x.detach().cpu().numpy()})[0])
-
+            return self._logits(engine, validation.images)
         outs = []
         with torch.no_grad():
             for volume in validation.volumes:
-                out = validation.inferer(torch.from_numpy(np.ascontiguousarray(volume, np.float32))[None], network)
-                outs.append(np.asarray(out[0], np.float32).reshape(out.shape[1], -1))
+                out = validation.inferer(torch.from_numpy(np.ascontiguousarray(volume, np.float32))[None], engine)
+                out = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
+                outs.append(out[0].float().cpu().numpy().reshape(out.shape[1], -1))
         return np.concatenate(outs, axis=1)
 
     def _dice(self, pred: np.ndarray, ref: np.ndarray) -> float:
@@ -193,12 +215,13 @@ class _Evaluator:
     def sqnr(self, float_nodes: Sequence[str]) -> float:
         """SQNR (dB) of the logits on the ranking patches with ``float_nodes`` in float."""
         self.count += 1
-        return sqnr_db(self.rank_reference, self._logits(self.write(float_nodes), self.control.validation.images))
+        return sqnr_db(self.rank_reference, self._logits(self._engine(self.write(float_nodes)),
+                                                         self.control.validation.images))
 
     def __call__(self, float_nodes: Sequence[str]) -> tuple[float, float]:
         """(Dice drop, SQNR dB) on what the budget is scored on, with ``float_nodes`` kept in float."""
         self.count += 1
-        logits = self._scored_logits(self.write(float_nodes))
+        logits = self._scored_logits(self._engine(self.write(float_nodes)))
         pred = logits.argmax(axis=0)
         if self.control.metric == "dice_vs_fp32":
             drop = 1.0 - self._dice(pred, self.reference_pred)
@@ -210,7 +233,6 @@ class _Evaluator:
 def choose_float_nodes(
     control: AccuracyControl,
     pre: Path,
-    input_name: str,
     chosen: Sequence[str],
     write_variant: Callable[[Sequence[str]], onnx.ModelProto],
 ) -> AccuracyResult:
@@ -220,13 +242,17 @@ def choose_float_nodes(
     float and the other ``chosen`` nodes quantized with the calibrated ranges. Deterministic: same patches, same choice.
     """
     start = time.perf_counter()
-    evaluate = _Evaluator(control, pre, input_name, write_variant)
+    with tempfile.TemporaryDirectory(prefix="medptq-accuracy-") as work:
+        return _choose(control, _Evaluator(control, pre, Path(work), write_variant), chosen, start)
+
+
+def _choose(control: AccuracyControl, evaluate: _Evaluator, chosen: Sequence[str], start: float) -> AccuracyResult:
     history: list[dict[str, Any]] = []
 
     def measure(nodes: Sequence[str], step: str) -> tuple[float, float]:
         drop, sqnr = evaluate(nodes)
         history.append({"step": step, "float_nodes": len(nodes), "dice_drop": round(drop, 5),
-                        "sqnr_db": round(sqnr, 2)})
+                        "sqnr_db": round(sqnr, 2), "at_s": round(time.perf_counter() - start, 1)})
         return drop, sqnr
 
     budget = float(control.max_dice_drop)
@@ -234,7 +260,7 @@ def choose_float_nodes(
 
     def result(nodes: Sequence[str], drop: float, sqnr: float) -> AccuracyResult:
         return AccuracyResult(list(nodes), drop, drop_all, sqnr, evaluate.count, time.perf_counter() - start,
-                              budget, control.metric, history)
+                              budget, control.metric, evaluate.engine_name, evaluate.isa, history)
 
     if drop_all <= budget:
         return result([], drop_all, sqnr_all)
@@ -242,7 +268,8 @@ def choose_float_nodes(
     gains = []
     for node in chosen:  # harm of a node = the SQNR gained by returning it alone to float
         sqnr = evaluate.sqnr([node])
-        history.append({"step": f"harm {node}", "float_nodes": 1, "sqnr_db": round(sqnr, 2)})
+        history.append({"step": f"harm {node}", "float_nodes": 1, "sqnr_db": round(sqnr, 2),
+                        "at_s": round(time.perf_counter() - start, 1)})
         gains.append((-(sqnr - base), node))
     order = [node for _gain, node in sorted(gains)]
     limit = int(math.floor(len(order) * control.max_float_fraction))

@@ -311,7 +311,7 @@ def quantize_onnx(
                 return write_qdq(pre, ranges, options, [n for n in chosen if n not in floated],
                                  [*excluded, *float_nodes], work)
 
-            decision = choose_float_nodes(accuracy, pre, spec.input_name, chosen, variant)
+            decision = choose_float_nodes(accuracy, pre, chosen, variant)
             floated = set(decision.float_nodes)
             chosen = [n for n in chosen if n not in floated]
             excluded = [*excluded, *decision.float_nodes]

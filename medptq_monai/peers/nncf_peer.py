@@ -147,9 +147,9 @@ def nncf_quantize(fp32_onnx: str | os.PathLike, calibration: Sequence[np.ndarray
                   stem: str = IR_STEM) -> Path:
     """NNCF's post-training INT8 of ``fp32_onnx`` on OpenVINO; returns ``out_dir/<stem>.xml`` (IR, FP32 weights).
 
-    NNCF defaults throughout: ``preset`` None (NNCF picks PERFORMANCE, symmetric, for a model that is not a
-    transformer), ``target_device`` ANY, ``fast_bias_correction`` True, no ``model_type``, no ignored scope,
-    default advanced parameters (NNCF's min/max range estimators, overflow fix on the first layer). Only
+    NNCF defaults throughout: ``preset`` None (NNCF then picks PERFORMANCE: symmetric weights and activations,
+    since no ``model_type`` is given), ``target_device`` ANY, ``fast_bias_correction`` True, no ignored scope,
+    default advanced parameters (NNCF's own range estimators and overflow fix). Only
     ``subset_size`` is set: all ``calibration`` patches (or a seeded choice of ``subset_size`` of them).
     ``calibrate_at_patch_size``: the patches may have another spatial size than the model (medptq's
     ``calibration_roi``); the model is reshaped to it for calibration and saved back at its own input shape.
