@@ -220,18 +220,24 @@ class AccuracyControlOutcome:
                 "nncf_quantized_ops": self.nncf_quantized_ops}
 
 
+PASS_THROUGH = ("Convert", "Reshape", "Transpose", "Concat")
+
+
+def _fed_by_fake_quantize(node: Any) -> bool:
+    """True when ``node`` is a FakeQuantize, or only moves / joins FakeQuantize outputs (Concat of quantized inputs)."""
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        return True
+    if kind not in PASS_THROUGH or not node.get_input_size():
+        return False
+    data = [node.input_value(0)] if kind != "Concat" else list(node.input_values())
+    return all(_fed_by_fake_quantize(v.get_node()) for v in data)
+
+
 def count_int8_ops(model: Any) -> tuple[int, int]:
-    """(ops fed by a FakeQuantize on input 0, all ops) over ``QUANTIZED_OP_TYPES`` in an ``ov.Model``."""
-    quantized = total = 0
-    for op in model.get_ordered_ops():
-        if op.get_type_name() not in QUANTIZED_OP_TYPES:
-            continue
-        total += 1
-        source = op.input_value(0).get_node()
-        while source.get_type_name() in ("Convert", "Reshape", "Transpose") and source.get_input_size():
-            source = source.input_value(0).get_node()
-        quantized += source.get_type_name() == "FakeQuantize"
-    return quantized, total
+    """(ops whose data input comes from FakeQuantize, all ops) over ``QUANTIZED_OP_TYPES`` in an ``ov.Model``."""
+    ops = [op for op in model.get_ordered_ops() if op.get_type_name() in QUANTIZED_OP_TYPES]
+    return sum(_fed_by_fake_quantize(op.input_value(0).get_node()) for op in ops), len(ops)
 
 
 def _reported(lines: Sequence[str]) -> tuple[int | None, int | None]:
