@@ -220,7 +220,7 @@ def main() -> None:
     parser.add_argument("--out", default="reports")
     args = parser.parse_args()
 
-    from medptq_monai.fileio import write_text_atomic
+    from medptq_monai.fileio import relative_paths, write_text_atomic
     from medptq_monai.machine import machine_info, machine_line
 
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -247,7 +247,7 @@ def main() -> None:
                                                      "seconds", "error")}), flush=True)
         if args.apply and not args.nncf and "error" not in row:
             apply_choice(ROOT / "bundles" / name, row)
-        rows[name] = row
+        rows[name] = relative_paths(row, ROOT)
         machine = machine_info()
         report = {"schema": "medptq-accuracy-control-v1", "max_dice_drop": args.max_dice_drop,
                   "rows": [rows[b] for b in BUNDLES if b in rows], "machine": machine,

@@ -26,6 +26,7 @@ from medptq_monai.peers import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_BIT_DB = 20 * np.log10(2)  # 6.02 dB: one bit of resolution
+NNCF_QUICK_SQNR_DB = 18.1  # NNCF's U-Net INT8 in medptq bench --quick (2 calibration patches), measured
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +165,11 @@ def test_bench_has_the_nncf_row(tmp_path: Path) -> None:
     assert (tmp_path / "work" / "unet_int8" / "models" / "model_nncf_int8.xml").is_file()
     assert peer["int8_convolutions"] == peer["convolutions"] > 0
     assert 0.8 < peer["ir_bytes"] / row["onnx_int8_bytes"] < 1.25  # both hold int8 weights
-    ours, fp32 = row["sqnr_db_by_engine"]["openvino_int8"], row["sqnr_db_by_engine"]["openvino_fp32"]
-    assert ours - ONE_BIT_DB < peer["sqnr_db"] < fp32 - 20.0
+    # a real INT8 model, not a broken one (wrong scales give <= 0 dB): within one bit of what NNCF's INT8 measured on
+    # this quick run (18.1 dB, twice, Xeon-AMX), and well below OpenVINO FP32 (the bundle's own INT8 keeps 7 layers
+    # in float: 41 dB, so it is no longer the reference)
+    fp32 = row["sqnr_db_by_engine"]["openvino_fp32"]
+    assert NNCF_QUICK_SQNR_DB - ONE_BIT_DB < peer["sqnr_db"] < fp32 - 20.0
     dice = row["dice_vs_fp32"]
     assert 0.5 < dice["openvino_int8"] <= 1.0 and dice["nncf_openvino_int8"] == peer["dice_vs_fp32"] > 0.5
     assert peer["patch_seconds"] > 0
