@@ -243,9 +243,11 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
                                    accuracy=accuracy)
         if calibration_model is not None:
             calibration_model.unlink()
-            held_plan = PatchPlan(roi_size=roi, num_patches=heldout, seed=options.seed + 1)
-            split.held = list(sample_patches(_volumes(dataset, image_key, in_channels, bundle), held_plan,
-                                             num_volumes=len(dataset))) if heldout else []
+            split.held = []
+            if heldout:  # re-sampled at the model's roi (no patch plan of 0 patches: that is refused)
+                held_plan = PatchPlan(roi_size=roi, num_patches=heldout, seed=options.seed + 1)
+                split.held = list(sample_patches(_volumes(dataset, image_key, in_channels, bundle), held_plan,
+                                                 num_volumes=len(dataset)))
         overlay = render_overlay(None if roi_from_inferer else roi, bundle.has("device"), bundle.has("models_dir"))
         sqnr, engine = _heldout_sqnr(bundle, overlay, overrides, fp32, int8, split.held)
         meta_text = None
