@@ -186,10 +186,23 @@ def calibration_patches(bundle_dir: str | os.PathLike, config_file: str | os.Pat
         calib_roi = _calibration_roi(settings, roi)
         dataset = bundle.parsed("dataset", "the calibration data, through the bundle's own preprocessing")
         _check_not_empty(dataset, bundle)
-        held = int(heldout_patches) if calib_roi == tuple(roi) else 0
-        plan = PatchPlan(roi_size=calib_roi, num_patches=settings.num_patches + held, seed=settings.options.seed)
-        volumes = _volumes(dataset, _image_key(bundle), in_channels, bundle)
-        return list(HeldBack(sample_patches(volumes, plan, num_volumes=len(dataset)), plan.num_patches, held))
+        plan, held = _calibration_plan(settings, roi, calib_roi, int(heldout_patches))
+        return list(_calibration_split(plan, held, dataset, _image_key(bundle), in_channels, bundle))
+
+
+def _calibration_plan(settings: Settings, roi: Sequence[int], calib_roi: tuple[int, ...],
+                      heldout: int) -> tuple[PatchPlan, int]:
+    """The seeded calibration patch plan at ``calib_roi`` and how many of its patches are held back (only when
+    ``calib_roi`` is the model's roi; else they are re-sampled at the roi after calibration)."""
+    held = heldout if calib_roi == tuple(roi) else 0
+    return PatchPlan(roi_size=calib_roi, num_patches=settings.num_patches + held, seed=settings.options.seed), held
+
+
+def _calibration_split(plan: PatchPlan, held: int, dataset: Any, image_key: str, in_channels: int,
+                       bundle: BundleConfig) -> HeldBack:
+    """The plan's patches of the preprocessed dataset, the last ``held`` of them held back from calibration."""
+    volumes = _volumes(dataset, image_key, in_channels, bundle)
+    return HeldBack(sample_patches(volumes, plan, num_volumes=len(dataset)), plan.num_patches, held)
 
 
 def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_size: Sequence[int] | None,
@@ -215,7 +228,7 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
     image_key = _image_key(bundle)
     options, num_patches = settings.options, settings.num_patches
     same_roi = calib_roi == tuple(roi)
-    plan = PatchPlan(roi_size=calib_roi, num_patches=num_patches + (heldout if same_roi else 0), seed=options.seed)
+    plan, held = _calibration_plan(settings, roi, calib_roi, heldout)
     accuracy = None
     if settings.accuracy is not None:
         request = settings.accuracy
@@ -233,9 +246,7 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
             _export(network, calibration_model, ckpt, in_channels, num_classes, calib_roi, bundle, digest)
         del network  # and the parser's cached instance: the FP32 weights are not kept through calibration
         bundle.parser.ref_resolver.remove_resolved_content("network_def")
-        volumes = _volumes(dataset, image_key, in_channels, bundle)
-        split = HeldBack(sample_patches(volumes, plan, num_volumes=len(dataset)), plan.num_patches,
-                         heldout if same_roi else 0)
+        split = _calibration_split(plan, held, dataset, image_key, in_channels, bundle)
         with tqdm(total=num_patches, desc=f"calibrating ({options.calibrator})", unit="patch",
                   disable=not progress) as bar:
             result = quantize_onnx(fp32, int8, split, options, source_sha256=sha256_file(ckpt),
