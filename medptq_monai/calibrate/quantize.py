@@ -33,8 +33,6 @@ from ..export.trt_check import assert_tensorrt_compatible
 from ..fileio import sha256_file
 from .accuracy_control import AccuracyControl, AccuracyResult, choose_float_nodes
 from .calibrators import CALIBRATORS, DEFAULT_CALIBRATOR, MAX_PASS_BYTES, check_calibrator, collect_ranges
-from .ort_outputs import DEFAULT_BUDGET_DB, SELECTION_SAMPLES, OutputChoice, check_budget, choose_output_scales, \
-    output_tensors
 
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 HIGH_PRECISIONS = ("fp32", "fp16")  # what is not INT8: FP32 (default) or FP16 (export/fp16_remainder.py)
@@ -50,8 +48,6 @@ class QuantizeOptions:
     TensorRT variants of the written file: ``high_precision`` ``"fp16"`` stores and computes what is not
     INT8 in FP16 (``export/fp16_remainder.py``); ``rewrite_deconv`` turns stride-2 kernel-2 ConvTranspose
     into a per-channel INT8 1x1x1 Conv + depth-to-space (``export/deconv_rewrite.py``).
-    ONNX Runtime: ``ort_output_budget_db`` is the SQNR the output quantizers recorded for it may cost
-    (``ort_outputs``; 0: none).
     """
 
     calibrator: str = DEFAULT_CALIBRATOR
@@ -63,12 +59,10 @@ class QuantizeOptions:
     max_pass_bytes: int = MAX_PASS_BYTES
     high_precision: str = "fp32"
     rewrite_deconv: bool = False
-    ort_output_budget_db: float = DEFAULT_BUDGET_DB
 
     def __post_init__(self) -> None:
         check_calibrator(self.calibrator)
         check_high_precision(self.high_precision)
-        self.ort_output_budget_db = check_budget(self.ort_output_budget_db)
 
 
 def check_high_precision(name: str) -> None:
@@ -184,14 +178,6 @@ def restore_float_inputs(model: onnx.ModelProto, nodes: Sequence[str]) -> int:
     return restored
 
 
-def _keeping(patches: Iterable[np.ndarray], kept: list[np.ndarray], limit: int) -> Iterator[np.ndarray]:
-    """Pass ``patches`` on, copying their first ``limit`` samples (batch 1 each) into ``kept``."""
-    for patch in patches:
-        for sample in np.asarray(patch)[: max(limit - len(kept), 0)]:
-            kept.append(np.array(sample[None], dtype=np.float32))
-        yield patch
-
-
 def _checked(patches: Iterable[np.ndarray], want: Sequence[int | None]) -> Iterator[np.ndarray]:
     for i, patch in enumerate(patches):
         shape = tuple(np.shape(patch))
@@ -278,17 +264,6 @@ def write_qdq(
     return model
 
 
-def _no_ort_outputs(options: QuantizeOptions, calibration_roi: bool) -> str:
-    """Why ``quantize_onnx`` chose no ONNX Runtime output quantizer without measuring."""
-    if options.ort_output_budget_db == 0:
-        return "budget 0"
-    if calibration_roi:
-        return "calibrated at a smaller roi than the model's"
-    if options.high_precision != "fp32":
-        return f"high_precision {options.high_precision}"
-    return "no quantized convolution with enough input channels"
-
-
 def quantize_onnx(
     fp32_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -317,15 +292,7 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix="medptq-quant-") as work:
         work = Path(work)
         pre = work / "preprocessed.onnx"
-        pre_model = preprocess(fp32_path, pre)
-        chosen, excluded, tensors = select_nodes(pre_model, options)
-        # ONNX Runtime output quantizers need samples at the model's own shape and an FP32 remainder
-        ort_outputs = (output_tensors(pre_model, chosen) if options.ort_output_budget_db > 0 and
-                       calibration_model is None and options.high_precision == "fp32" else set())
-        del pre_model
-        kept: list[np.ndarray] = []
-        if ort_outputs:
-            patches = _keeping(patches, kept, SELECTION_SAMPLES)
+        chosen, excluded, tensors = select_nodes(preprocess(fp32_path, pre), options)
         calib_pre, calib_spec = pre, spec
         if calibration_model is not None:
             calib_pre, calib_spec = work / "calibration.onnx", io_spec(load_onnx(calibration_model, load_weights=False))
@@ -333,13 +300,10 @@ def quantize_onnx(
                 raise CalibrationError(f"calibration model {calibration_model} has input {calib_spec.input_name} "
                                        f"{calib_spec.input_shape}; {fp32_path} has {spec.input_name} {spec.input_shape}")
             preprocess(calibration_model, calib_pre)
-        all_ranges, count = collect_ranges(
-            calib_pre, spec.input_name, _checked(patches, calib_spec.input_shape), options.calibrator,
-            tensors | ort_outputs, work, percentile=options.percentile, on_patch=on_patch,
-            max_pass_bytes=options.max_pass_bytes,
+        ranges, count = collect_ranges(
+            calib_pre, spec.input_name, _checked(patches, calib_spec.input_shape), options.calibrator, tensors, work,
+            percentile=options.percentile, on_patch=on_patch, max_pass_bytes=options.max_pass_bytes,
         )
-        # the Q/DQ writer gets the activations' ranges only
-        ranges = TensorsData(all_ranges.calibration_method, {k: v for k, v in all_ranges.data.items() if k in tensors})
         decision = None
         if accuracy is not None:
             def variant(float_nodes: Sequence[str]) -> onnx.ModelProto:
@@ -353,9 +317,6 @@ def quantize_onnx(
             excluded = [*excluded, *decision.float_nodes]
         int8 = write_qdq(pre, ranges, options, chosen, excluded, work)
         int8, variants = apply_tensorrt_variants(int8, options, load_onnx(pre) if options.rewrite_deconv else None)
-        ort_choice = (choose_output_scales(int8, pre, all_ranges, kept, options.ort_output_budget_db) if ort_outputs
-                      else OutputChoice({}, 0, options.ort_output_budget_db, reason=_no_ort_outputs(
-                          options, calibration_model is not None)))
         meta = {
             "medptq.version": __version__,
             "medptq.precision": "int8",
@@ -367,7 +328,6 @@ def quantize_onnx(
             "medptq.fp32_sha256": sha256_file(fp32_path),
             **variants,
             **(decision.metadata() if decision is not None else {}),
-            **ort_choice.metadata(),
         }
         if CALIBRATORS[options.calibrator].uses_percentile:
             meta["medptq.percentile"] = options.percentile

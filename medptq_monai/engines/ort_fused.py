@@ -24,18 +24,11 @@ kernel in ONNX Runtime's CPU provider, and a convolution read in float (by Insta
 Add, a Concat) has no fast integer kernel (ConvInteger with a float epilogue is slower than the float
 convolution); QLinearConv there would need an 8-bit output quantizer the file does not have. On the demo
 U-Net the fusable convolutions are 2-3% of ONNX Runtime FP32's kernel time; on SegResNet and nnU-Net none.
-
-* ``add_output_quantizers``, first, where the file carries ORT output scales (``OUTPUT_SCALES_KEY``, written by
-  ``calibrate/ort_outputs.py`` at quantize time, chosen under an SQNR budget): a convolution read in float gets
-  ``Q(s8, scale, 0) → DQ`` after it, so ONNX Runtime runs it as an integer QLinearConv. This is rounding the
-  file's graph does not have (TensorRT and OpenVINO never see it: it is metadata to them), paid for in a
-  measured SQNR cost recorded beside the scales.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,56 +41,30 @@ CONV_OPS = ("Conv", "ConvTranspose")
 # input channels from which ORT's 3-D QLinearConv beats its float Conv (reports/ort_int8.md, Xeon-AMX: 1.2-7.8x
 # from 32 channels, 0.2-0.5x at 8-16 channels and 48³-96³)
 MIN_CHANNELS = 32
-# metadata_props key: JSON {convolution output tensor: int8 output scale} for ``add_output_quantizers``
-OUTPUT_SCALES_KEY = "medptq.ort.output_scales"
 
 
 @dataclass(frozen=True)
 class OrtFusion:
-    """What ``make_ort_fused`` changed: convolutions fused with their output quantizer, weights folded, and
-    of the fused ones how many through an added output quantizer (``add_output_quantizers``)."""
+    """What ``make_ort_fused`` changed: convolutions fused with their output quantizer, weights folded."""
 
     fused_convolutions: int
     folded_weights: int
-    output_quantizers: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.fused_convolutions or self.folded_weights or self.output_quantizers)
+        return bool(self.fused_convolutions or self.folded_weights)
 
 
-def make_ort_fused(model: onnx.ModelProto, min_channels: int = MIN_CHANNELS, fuse: bool = True,
-                   output_scales: Mapping[str, float] | None = None) -> OrtFusion:
-    """Rewrite ``model`` in place (module docstring): add the ``output_scales`` quantizers and fuse Relu-fed
-    quantizers (neither when ``fuse`` is False, e.g. on a CPU whose INT8 sums saturate), then fold the weights
-    of convolutions ORT runs in float."""
-    added = add_output_quantizers(model, output_scales or {}, min_channels) if fuse else 0
+def make_ort_fused(model: onnx.ModelProto, min_channels: int = MIN_CHANNELS, fuse: bool = True) -> OrtFusion:
+    """Rewrite ``model`` in place (module docstring): fuse Relu-fed quantizers (unless ``fuse`` is False,
+    e.g. on a CPU whose INT8 sums saturate), then fold the weights of convolutions ORT runs in float."""
     fused = fuse_relu_quantize(model, min_channels) if fuse else 0
-    return OrtFusion(fused + added, fold_weight_dequantize(model), added)
+    return OrtFusion(fused, fold_weight_dequantize(model))
 
 
 def describe_fusion(fusion: OrtFusion) -> str:
     """For ``describe()``: what the ONNX Runtime copy changed."""
-    return (f"ORT-fused copy: {fusion.fused_convolutions} QLinearConv groups "
-            f"({fusion.output_quantizers} through added output quantizers), "
+    return (f"ORT-fused copy: {fusion.fused_convolutions} QLinearConv groups, "
             f"{fusion.folded_weights} weights dequantized at load")
-
-
-def read_output_scales(model: onnx.ModelProto) -> dict[str, float]:
-    """The ORT output scales recorded in ``model`` (``OUTPUT_SCALES_KEY``; none when absent).
-
-    Raises ``ValueError`` naming the key when the entry is not a JSON object of positive finite numbers."""
-    raw = next((p.value for p in model.metadata_props if p.key == OUTPUT_SCALES_KEY), None)
-    if raw is None:
-        return {}
-    try:
-        scales = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"metadata {OUTPUT_SCALES_KEY} is not JSON: {err}") from err
-    if not isinstance(scales, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
-            for v in scales.values()):
-        raise ValueError(f"metadata {OUTPUT_SCALES_KEY} must map tensor names to positive scales, got {raw[:200]}")
-    return {str(k): float(v) for k, v in scales.items()}
 
 
 def _graph_maps(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
@@ -140,60 +107,6 @@ def _is_activation_dq(node: onnx.NodeProto | None, inits: dict[str, onnx.TensorP
 def _input_channels(conv: onnx.NodeProto, weight: np.ndarray) -> int:
     group = next((helper.get_attribute_value(a) for a in conv.attribute if a.name == "group"), 1)
     return int(weight.shape[1]) * int(group)
-
-
-def output_quantizer_convs(model: onnx.ModelProto, min_channels: int = MIN_CHANNELS) -> list[onnx.NodeProto]:
-    """Convolutions ONNX Runtime would run as QLinearConv if their output were quantized: a per-tensor FP32
-    activation DequantizeLinear fed by a QuantizeLinear and a symmetric int8 weight in, at least
-    ``min_channels`` input channels, and an output read in float (not a graph output, not already read by a
-    lone QuantizeLinear or by a Relu → QuantizeLinear that ``fuse_relu_quantize`` takes)."""
-    graph = model.graph
-    producer, readers = _graph_maps(graph)
-    inits = {i.name: i for i in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    found = []
-    for conv in [n for n in graph.node if n.op_type == "Conv"]:
-        xdq, wdq = producer.get(conv.input[0]), producer.get(conv.input[1])
-        if not (_is_activation_dq(xdq, inits) and _is_weight_dq(wdq, inits)):
-            continue
-        xq = producer.get(xdq.input[0])
-        if xq is None or xq.op_type != "QuantizeLinear" or inits[xdq.input[1]].data_type != onnx.TensorProto.FLOAT:
-            continue
-        if _input_channels(conv, numpy_helper.to_array(inits[wdq.input[0]])) < min_channels:
-            continue
-        users = readers.get(conv.output[0], [])
-        if conv.output[0] in outputs or not users or (len(users) == 1 and users[0].op_type == "QuantizeLinear"):
-            continue
-        if len(users) == 1 and users[0].op_type == "Relu" and \
-                [r.op_type for r in readers.get(users[0].output[0], [])] == ["QuantizeLinear"]:
-            continue
-        found.append(conv)
-    return found
-
-
-def add_output_quantizers(model: onnx.ModelProto, scales: Mapping[str, float],
-                          min_channels: int = MIN_CHANNELS) -> int:
-    """Put ``Q(s8, scale, 0) → DQ`` after each ``output_quantizer_convs`` convolution whose output tensor is in
-    ``scales``; every reader then reads the dequantized tensor. Returns how many were added."""
-    graph = model.graph
-    _, readers = _graph_maps(graph)  # another convolution's quantizers leave these readers as they are
-    added = 0
-    for conv in output_quantizer_convs(model, min_channels):
-        out = conv.output[0]
-        if out not in scales:
-            continue
-        scale, zero = f"{out}/ort_output_scale", f"{out}/ort_output_zero_point"
-        graph.initializer.extend([numpy_helper.from_array(np.array(scales[out], np.float32), scale),
-                                  numpy_helper.from_array(np.array(0, np.int8), zero)])
-        for reader in readers[out]:
-            reader.input[:] = [f"{out}/ort_dq" if name == out else name for name in reader.input]
-        at = list(graph.node).index(conv) + 1
-        graph.node.insert(at, helper.make_node("DequantizeLinear", [f"{out}/ort_q", scale, zero], [f"{out}/ort_dq"],
-                                               name=f"{conv.name}/ort_output_DQ"))
-        graph.node.insert(at, helper.make_node("QuantizeLinear", [out, scale, zero], [f"{out}/ort_q"],
-                                               name=f"{conv.name}/ort_output_Q"))
-        added += 1
-    return added
 
 
 def fuse_relu_quantize(model: onnx.ModelProto, min_channels: int = MIN_CHANNELS) -> int:
