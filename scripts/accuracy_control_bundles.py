@@ -76,51 +76,30 @@ def _quantize_cmd(copy: Path, configs: list[str], *extra: str) -> list[str]:
             "--dataset_dir", str(DATA / "calibration"), "--progress", "False", *extra]
 
 
-def _validation(copy: Path, configs: list[str], budget: float) -> tuple[Any, int]:
-    """(the validation set ``medptq quantize --max_dice_drop`` uses for this bundle, number of classes)."""
-    from medptq_monai.bundle.accuracy import validation_control
-    from medptq_monai.bundle.bundle_config import importable_scripts, inferer_roi, meta_channels, read_bundle
-    from medptq_monai.bundle.quantize_bundle import _image_key, bundle_quantization
-
-    overrides = {"dataset_dir": str(DATA / "calibration")}
-    bundle = read_bundle(copy, configs, None, **overrides)
-    with importable_scripts(bundle.root):
-        in_channels, num_classes = meta_channels(bundle)
-        roi, _ = inferer_roi(bundle)
-        seed = bundle_quantization(bundle).options.seed
-        control = validation_control(bundle, bundle.parsed("dataset", "calibration data"), overrides,
-                                     {"dataset_dir": str(DATA / "images")}, budget, "dice_vs_fp32", 8, seed, roi,
-                                     in_channels, num_classes, _image_key(bundle), 0.5)
-    return control.validation, num_classes
-
-
 def _score(model: Path, precision: str, validation: Any, num_classes: int,
            reference: np.ndarray | None) -> tuple[np.ndarray, float | None, float]:
     """(whole-volume argmax, Dice drop vs ``reference``, OpenVINO per-patch median seconds) of ``model``."""
+    from medptq_monai.calibrate.accuracy_control import scored_logits
     from medptq_monai.engines import create_engine
     from medptq_monai.metrics import dice_per_class, mean_dice
 
     engine = create_engine("openvino", model, precision)
-    preds = []
+    pred = scored_logits(engine, validation).argmax(axis=0)
+    patch = torch.from_numpy(validation.images[0])
+    times = []
     with torch.no_grad():
-        for volume in validation.volumes:
-            out = validation.inferer(torch.from_numpy(np.ascontiguousarray(volume, np.float32))[None], engine)
-            preds.append(np.asarray(out[0]).argmax(axis=0).ravel())
-        patch = torch.from_numpy(validation.images[0])
         engine(patch)
-        times = []
         for _ in range(5):
             start = time.perf_counter()
             engine(patch)
             times.append(time.perf_counter() - start)
-    pred = np.concatenate(preds)
     drop = None if reference is None else 1.0 - (mean_dice(dice_per_class(pred, reference, num_classes)) or 0.0)
     return pred, drop, float(np.median(times))
 
 
 def run_nncf(bundle: Path, scratch: Path, budget: float, row: dict[str, Any]) -> dict[str, Any]:
     """NNCF's accuracy control beside ours on the same inputs; both scored the same way (see module docstring)."""
-    from medptq_monai.bundle.quantize_bundle import calibration_patches
+    from medptq_monai.bundle.quantize_bundle import calibration_patches, validation_set
     from medptq_monai.peers import nncf_quantize_with_accuracy_control
     from medptq_monai.peers.nncf_peer import openvino_ir_bytes
 
@@ -130,7 +109,8 @@ def run_nncf(bundle: Path, scratch: Path, budget: float, row: dict[str, Any]) ->
     ours = row.get("float_layers", row["hand_picked"])  # ours unreachable: the bundle's own list
     subprocess.run(_quantize_cmd(copy, configs, "--exclude", ",".join(ours) if ours else "[]"), check=True,
                    capture_output=True)
-    validation, num_classes = _validation(copy, configs, budget)
+    validation, num_classes = validation_set(copy, configs, dataset_dir=str(DATA / "calibration"),
+                                             val_dataset_dir=str(DATA / "images"))
     outcome = nncf_quantize_with_accuracy_control(
         models / "model.onnx", calibration_patches(copy, configs, dataset_dir=str(DATA / "calibration")),
         validation.images, budget, num_classes, scratch / "nncf")

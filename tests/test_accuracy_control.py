@@ -174,3 +174,23 @@ def test_bad_accuracy_requests_write_nothing(zoo_bundle, kwargs, kind, match):
                         dataset_dir=str(DATA / "images_small"), **kwargs)
     assert sorted(p.relative_to(zoo_bundle) for p in zoo_bundle.rglob("*")) == before
     assert (zoo_bundle / "configs" / "metadata.json").read_bytes() == meta
+
+
+def test_validation_set_is_the_one_quantize_scores_on_and_refuses_bad_requests() -> None:
+    """``quantize_bundle.validation_set`` (for scoring another quantizer alike): the seeded validation patches at
+    the bundle's roi and its whole volumes; no validation set, an unknown metric or shared files are refused."""
+    from medptq_monai.bundle.quantize_bundle import validation_set
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "unet_int8"
+    calibration, images = str(DATA / "calibration"), str(DATA / "images")
+    first, classes = validation_set(bundle, dataset_dir=calibration, val_dataset_dir=images, validation_patches=3)
+    again, _ = validation_set(bundle, dataset_dir=calibration, val_dataset_dir=images, validation_patches=3)
+    assert len(first.images) == 3 and first.images[0].shape == (1, 1, 96, 96, 96) and len(first.volumes) == 1
+    assert classes >= 2 and first.labels is None
+    assert all(np.array_equal(a, b) for a, b in zip(first.images, again.images, strict=True))
+    with pytest.raises(CalibrationError, match="validation set is needed"):
+        validation_set(bundle, dataset_dir=calibration)
+    with pytest.raises(UnknownNameError, match="unknown accuracy metric"):
+        validation_set(bundle, metric="dice", dataset_dir=calibration, val_dataset_dir=images)
+    with pytest.raises(CalibrationError, match="shares 1 file"):
+        validation_set(bundle, dataset_dir=calibration, val_dataset_dir=calibration)

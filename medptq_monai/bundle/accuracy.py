@@ -74,7 +74,19 @@ def validation_control(
     max_dice_drop: float, metric: str, num_patches: int, seed: int, roi: Sequence[int], in_channels: int,
     num_classes: int, image_key: str, max_float_fraction: float, engine: str = "auto",
 ) -> AccuracyControl:
-    """The bundle's validation set (its ``dataset`` with the validation overrides) as an ``AccuracyControl``."""
+    """The bundle's validation set (``read_validation_set``) and the budget as an ``AccuracyControl``."""
+    checked = read_validation_set(bundle, calibration_dataset, overrides, validation, metric == "dice_vs_labels",
+                                  num_patches, seed, roi, in_channels, image_key)
+    return AccuracyControl(float(max_dice_drop), checked, num_classes, metric, float(max_float_fraction), engine)
+
+
+def read_validation_set(
+    bundle: BundleConfig, calibration_dataset: Any, overrides: Mapping[str, Any], validation: Mapping[str, Any],
+    with_labels: bool, num_patches: int, seed: int, roi: Sequence[int], in_channels: int, image_key: str,
+) -> ValidationSet:
+    """The bundle's ``dataset`` with the ``validation`` overrides, checked disjoint from ``calibration_dataset``:
+    its preprocessed volumes (and labels when ``with_labels``), ``num_patches`` seeded patches at ``roi`` and
+    the bundle's inferer."""
     if int(num_patches) < 1:
         raise CalibrationError(f"validation_patches must be >= 1, got {num_patches}")
     checked = read_bundle(bundle.root, bundle.config_files, bundle.meta_file, **{**overrides, **validation})
@@ -85,7 +97,6 @@ def validation_control(
     if shared:
         raise CalibrationError(f"the validation set shares {len(shared)} file(s) with the calibration data (e.g. "
                                f"{sorted(shared)[0]}): give disjoint data")
-    with_labels = metric == "dice_vs_labels"
     stacked = list(_stacked(dataset, image_key, in_channels, checked, with_labels))
     volumes = [v[:-1] if with_labels else v for v in stacked]
     labels = [np.rint(v[-1]).astype(np.int64) for v in stacked] if with_labels else None
@@ -94,8 +105,7 @@ def validation_control(
     inferer = checked.parsed("inferer", "segments the validation volumes as the bundle does")
     if hasattr(inferer, "progress"):
         inferer.progress = False
-    return AccuracyControl(float(max_dice_drop), ValidationSet(patches, labels, volumes, inferer), num_classes,
-                           metric, float(max_float_fraction), engine)
+    return ValidationSet(patches, labels, volumes, inferer)
 
 
 def _stacked(dataset: Any, image_key: str, in_channels: int, bundle: BundleConfig,

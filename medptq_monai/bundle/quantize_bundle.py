@@ -28,13 +28,14 @@ from ..calibrate.calibrators import DEFAULT_CALIBRATOR
 from ..calibrate.patches import PatchPlan, sample_patches
 from ..calibrate.quantize import QuantizeOptions, quantize_onnx
 from ..engines import first_cpu_engine
-from ..errors import BundleConfigError, CalibrationError, MedPTQError, ModelFileError
+from ..errors import BundleConfigError, CalibrationError, MedPTQError, ModelFileError, UnknownNameError
 from ..export.onnx_model import io_spec, load_onnx
 from ..export.torch_export import export_fp32
 from ..fileio import sha256_file, write_text_atomic
 from ..machine import PeakRSS
 from ..metrics import sqnr_db
-from .accuracy import check_request, metadata_with_accuracy, split_validation, validation_control
+from ..calibrate.accuracy_control import METRICS, ValidationSet
+from .accuracy import check_request, metadata_with_accuracy, read_validation_set, split_validation, validation_control
 from .bundle_config import BundleConfig, dataset_images, importable_scripts, inferer_roi, meta_channels, read_bundle
 from .overlay import (
     DIGEST_KEY, FP32_NAME, INT8_NAME, OVERLAY_IDS, OVERLAY_NAME, overlay_text, render_overlay, state_digest, unwrap_state,
@@ -188,6 +189,29 @@ def calibration_patches(bundle_dir: str | os.PathLike, config_file: str | os.Pat
         _check_not_empty(dataset, bundle)
         plan, held = _calibration_plan(settings, roi, calib_roi, int(heldout_patches))
         return list(_calibration_split(plan, held, dataset, _image_key(bundle), in_channels, bundle))
+
+
+def validation_set(bundle_dir: str | os.PathLike, config_file: str | os.PathLike | Sequence[str | os.PathLike] | None
+                   = None, meta_file: str | os.PathLike | None = None, roi_size: Sequence[int] | None = None,
+                   seed: int | None = None, validation_patches: int = 8, metric: str = "dice_vs_fp32",
+                   **overrides: Any) -> tuple[ValidationSet, int]:
+    """(the validation set ``quantize_bundle --max_dice_drop`` with the same arguments scores on, the bundle's
+    class count): to score another quantizer's model alike. The ``val_`` overrides select it, as there."""
+    overrides, validation = split_validation(overrides)
+    if metric not in METRICS:
+        raise UnknownNameError(f"unknown accuracy metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if not validation:
+        raise CalibrationError("a validation set is needed: --val_dataset_dir D, --val_datalist [...] or "
+                               "--val_data_list_file_path F")
+    bundle = read_bundle(bundle_dir, config_file, meta_file, **overrides)
+    settings = bundle_quantization(bundle, seed=seed)
+    with importable_scripts(bundle.root):
+        in_channels, num_classes = meta_channels(bundle)
+        roi, _from_inferer = inferer_roi(bundle, roi_size)
+        dataset = bundle.parsed("dataset", "the calibration data, through the bundle's own preprocessing")
+        checked = read_validation_set(bundle, dataset, overrides, validation, metric == "dice_vs_labels",
+                                      validation_patches, settings.options.seed, roi, in_channels, _image_key(bundle))
+    return checked, num_classes
 
 
 def _calibration_plan(settings: Settings, roi: Sequence[int], calib_roi: tuple[int, ...],

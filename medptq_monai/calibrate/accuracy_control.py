@@ -157,6 +157,27 @@ class AccuracyResult:
                 "seconds": round(self.seconds, 1), "engine": self.engine, "isa": self.isa}
 
 
+def patch_logits(engine: Engine, patches: Sequence[np.ndarray]) -> np.ndarray:
+    """Logits of ``patches`` as ``[classes, voxels]`` (patches concatenated)."""
+    with torch.no_grad():
+        out = np.concatenate([engine(torch.from_numpy(p)).float().cpu().numpy() for p in patches])
+    return np.moveaxis(out, 1, 0).reshape(out.shape[1], -1)
+
+
+def scored_logits(engine: Engine, validation: ValidationSet) -> np.ndarray:
+    """``[classes, voxels]`` logits of what a Dice budget is scored on: ``validation``'s whole volumes through
+    its inferer (volumes concatenated), or its patches when it has no volumes."""
+    if not validation.volumes:
+        return patch_logits(engine, validation.images)
+    outs = []
+    with torch.no_grad():
+        for volume in validation.volumes:
+            out = validation.inferer(torch.from_numpy(np.ascontiguousarray(volume, np.float32))[None], engine)
+            out = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
+            outs.append(out[0].float().cpu().numpy().reshape(out.shape[1], -1))
+    return np.concatenate(outs, axis=1)
+
+
 class _Evaluator:
     """Runs Q/DQ variants of one pre-processed model on a CPU engine and scores them on the validation set."""
 
@@ -167,8 +188,9 @@ class _Evaluator:
         self.isa = ""
         self.count = 0
         reference = self._engine(pre, "fp32")
-        self.rank_reference = self._logits(reference, control.validation.images)
-        self.reference = self._scored_logits(reference) if control.validation.volumes else self.rank_reference
+        self.rank_reference = patch_logits(reference, control.validation.images)
+        self.reference = (scored_logits(reference, control.validation) if control.validation.volumes
+                          else self.rank_reference)
         del reference
         self.reference_pred = self.reference.argmax(axis=0)
         labels = control.validation.labels
@@ -189,39 +211,19 @@ class _Evaluator:
             self.isa = engine.describe().get("isa", "")
         return engine
 
-    @staticmethod
-    def _logits(engine: Engine, patches: Sequence[np.ndarray]) -> np.ndarray:
-        """Logits of ``patches`` as ``[classes, voxels]`` (patches concatenated)."""
-        with torch.no_grad():
-            out = np.concatenate([engine(torch.from_numpy(p)).float().cpu().numpy() for p in patches])
-        return np.moveaxis(out, 1, 0).reshape(out.shape[1], -1)
-
-    def _scored_logits(self, engine: Engine) -> np.ndarray:
-        """``[classes, voxels]`` logits of what the budget is scored on (whole volumes through the inferer)."""
-        validation = self.control.validation
-        if not validation.volumes:
-            return self._logits(engine, validation.images)
-        outs = []
-        with torch.no_grad():
-            for volume in validation.volumes:
-                out = validation.inferer(torch.from_numpy(np.ascontiguousarray(volume, np.float32))[None], engine)
-                out = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
-                outs.append(out[0].float().cpu().numpy().reshape(out.shape[1], -1))
-        return np.concatenate(outs, axis=1)
-
     def _dice(self, pred: np.ndarray, ref: np.ndarray) -> float:
         return mean_dice(dice_per_class(pred, ref, self.control.num_classes)) or 0.0
 
     def sqnr(self, float_nodes: Sequence[str]) -> float:
         """SQNR (dB) of the logits on the ranking patches with ``float_nodes`` in float."""
         self.count += 1
-        return sqnr_db(self.rank_reference, self._logits(self._engine(self.write(float_nodes)),
+        return sqnr_db(self.rank_reference, patch_logits(self._engine(self.write(float_nodes)),
                                                          self.control.validation.images))
 
     def __call__(self, float_nodes: Sequence[str]) -> tuple[float, float]:
         """(Dice drop, SQNR dB) on what the budget is scored on, with ``float_nodes`` kept in float."""
         self.count += 1
-        logits = self._scored_logits(self._engine(self.write(float_nodes)))
+        logits = scored_logits(self._engine(self.write(float_nodes)), self.control.validation)
         pred = logits.argmax(axis=0)
         if self.control.metric == "dice_vs_fp32":
             drop = 1.0 - self._dice(pred, self.reference_pred)
