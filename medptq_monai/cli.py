@@ -19,7 +19,8 @@ class Commands:
                  seed: int | None = None, exclude=None, heldout_patches: int = 4, progress: bool = True,
                  calibration_roi=None, high_precision: str = "fp32", rewrite_deconv: bool = False,
                  max_dice_drop: float | None = None, metric: str = "dice_vs_fp32", validation_patches: int = 8,
-                 max_float_fraction: float = 0.5, accuracy_engine: str = "auto", **overrides) -> dict:
+                 max_float_fraction: float = 0.5, accuracy_engine: str = "auto",
+                 ort_output_budget_db: float | None = None, **overrides) -> dict:
         """INT8 for any MONAI bundle (zoo layout, or ours): writes model.onnx and model_int8.onnx into the
         bundle's models_dir (models/ when it has none) and configs/inference_int8.json, then prints a summary. Run it with:
         python -m monai.bundle run --config_file "['B/configs/inference.json','B/configs/inference_int8.json']"
@@ -38,6 +39,8 @@ class Commands:
         <= X, at most MAX_FLOAT_FRACTION of the layers; the validation set comes like the calibration data with
         --val_ overrides (--val_dataset_dir D2, --val_datalist [...], --val_data_list_file_path F), disjoint;
         the candidates run on ACCURACY_ENGINE (auto: OpenVINO when installed, else onnxruntime).
+        ORT_OUTPUT_BUDGET_DB (default: metadata quantization.ort_output_budget_db, else 0.25; 0: off): the SQNR
+        that output quantizers recorded for ONNX Runtime may cost, so that it runs those convolutions in INT8.
         """
         from .bundle.quantize_bundle import quantize_bundle
         from .calibrate.quantize import check_high_precision
@@ -48,7 +51,8 @@ class Commands:
                                   exclude=exclude, heldout_patches=heldout_patches, progress=progress,
                                   calibration_roi=calibration_roi, max_dice_drop=max_dice_drop, metric=metric,
                                   validation_patches=validation_patches, max_float_fraction=max_float_fraction,
-                                  accuracy_engine=accuracy_engine, **overrides)
+                                  accuracy_engine=accuracy_engine, ort_output_budget_db=ort_output_budget_db,
+                                  **overrides)
         root = Path(bundle)
         return _tensorrt_variants(summary, root / summary["int8_onnx"], root / summary["fp32_onnx"], high_precision,
                                   rewrite_deconv)

@@ -207,6 +207,7 @@ def measure(name: str, folder: Path, repeats: int, tmp: Path) -> dict[str, Any]:
     return {
         "model": name, "folder": str(folder), "input_shape": list(x.shape),
         "fused_convolutions": engine.fusion.fused_convolutions, "folded_weights": engine.fusion.folded_weights,
+        "output_quantizers": engine.fusion.output_quantizers,
         "ort_graph": engine.describe().get("ort_graph"), "int8_model": engine.describe().get("int8_model"),
         "same_copy_as_engine": copy == (engine.saturation, engine.fusion),
         "ms_median": ms, "ms_min": {k: float(np.min(v) * 1e3) for k, v in times.items()},
@@ -320,7 +321,7 @@ def render(report: dict[str, Any]) -> str:
              "warm-up each. ms = median; 'x FP32' = median over rounds of ORT FP32 time / variant time in the same "
              "round (IQR: its interquartile range over the rounds); CPU s = median process CPU time of a call (both "
              "threads, ORT's spin-waiting included). SQNR of INT8 logits vs ORT FP32 logits on the same patch.", "",
-             "| model | input | fused QLinearConv / weights folded | ORT FP32 ms | ORT INT8 before ms (x FP32) "
+             "| model | input | QLinearConv: Relu-fed + file's ORT output quantizers / weights folded | ORT FP32 ms | ORT INT8 before ms (x FP32) "
              "| ORT INT8 after ms (x FP32) | OpenVINO INT8 ms | CPU s per call FP32 / before / after | "
              "SQNR dB ORT before / after / OpenVINO | ORT INT8 after faster than FP32 | load avg (1 min) during |",
              "|---|---|---:|---:|---:|---:|---:|---|---:|---|---|"]
@@ -329,7 +330,8 @@ def render(report: dict[str, Any]) -> str:
         shape = "x".join(str(d) for d in r["input_shape"][2:])
         load = r["load_average_1min"]
         lines.append(
-            f"| {r['model']} | {shape} | {r['fused_convolutions']} / {r['folded_weights']} | {ms['ort_fp32']:.0f} "
+            f"| {r['model']} | {shape} | {r['fused_convolutions']} + {r.get('output_quantizers', 0)} / "
+            f"{r['folded_weights']} | {ms['ort_fp32']:.0f} "
             f"| {ms['ort_int8_file']:.0f} ({sp['ort_int8_file']:.2f}x, {_spread(r, 'ort_int8_file')}) "
             f"| {ms['ort_int8_fused']:.0f} ({sp['ort_int8_fused']:.2f}x, {_spread(r, 'ort_int8_fused')}) "
             f"| {ms['openvino_int8']:.0f} | {_cpu_cell(r)} | {db['ort_int8_file']:.2f} / "
@@ -354,9 +356,9 @@ def render(report: dict[str, Any]) -> str:
                      f"{before.get('DequantizeLinear', 0)} → {after.get('QLinearConv', 0)} / "
                      f"{after.get('DequantizeLinear', 0)} |")
     classes = ("fused", "few channels", "float output", "ConvTranspose", "float layer", "other ops")
-    lines += ["", "Where ORT FP32 spends its time, by what the INT8 file lets ONNX Runtime's CPU provider run in "
-              "integer (% of FP32 kernel time; convolutions counted in brackets): only `fused` can be an integer "
-              "QLinearConv without adding rounding the file does not have.", "",
+    lines += ["", "Where ORT FP32 spends its time, by what the engine's copy of the INT8 file lets ONNX Runtime's "
+              "CPU provider run in integer (% of FP32 kernel time; convolutions counted in brackets): `fused` runs "
+              "as QLinearConv (the file's own output quantizers and those it records for ONNX Runtime).", "",
               "| model | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
     for r in report["rows"]:
         by, count = r["fp32_kernel_ms_by_class"], r["conv_classes"]
@@ -379,29 +381,32 @@ def render(report: dict[str, Any]) -> str:
                             if "float_cpu_ms_min" in m else "—") + " |")
     faster = [r["model"] for r in report["rows"] if r["speedup_vs_ort_fp32_paired_median"]["ort_int8_fused"] > 1]
     loads = [x for r in report["rows"] for x in r["load_average_1min"]]
+    busy = max(loads) >= 1.5 * THREADS  # the runs' own two threads give a load of about 2
+    load_text = (f"with a 1-minute load average of {min(loads):.1f}-{max(loads):.1f} on 2 cores, other processes "
+                 "included: per-call times were above a quiet machine's and the per-round ratios spread (IQR), so "
+                 "a ratio near 1 is not established either way" if busy else
+                 f"on a machine without other work (1-minute load average {min(loads):.1f}-{max(loads):.1f}, the "
+                 "runs' own 2 threads); the IQR column is the spread over the rounds")
     lines += ["", "## Reading", "",
               f"ORT INT8 (the engine's copy) was faster than ORT FP32 on {len(faster)} of {len(report['rows'])} "
-              f"models in these runs{' (' + ', '.join(faster) + ')' if faster else ''}, with a 1-minute load average "
-              f"of {min(loads):.1f}-{max(loads):.1f} on 2 cores from other processes: per-call times were several "
-              "times a quiet machine's and the per-round ratios spread widely (IQR), so a ratio near 1 is not "
-              "established either way; the SQNR columns and the profiles' structure (which ops are float) do not "
-              "depend on load. ONNX Runtime's CPU provider runs a "
-              "convolution in integer only as QLinearConv, which it makes from `DQ(x), DQ(w) → Conv → Q` when the "
-              "input and output quantizers have the same type (`tests/test_ort_fused.py`); everything else runs in "
-              "float between Q/DQ. The copy fuses every convolution whose output the file already quantizes alone "
-              "(`fused` column) and dequantizes the other weights once (DequantizeLinear count before → after). "
-              "What is left is float by construction of the file: ConvTranspose (no integer kernel in the CPU "
-              "provider: it stays float in every optimized graph) and convolutions whose output is read in float "
-              "(InstanceNorm/BatchNorm, residual Add, Concat), for which the only integer kernel with a float "
-              "output, ConvInteger, is slower than the float convolution (micro table), and QLinearConv would "
-              "need an 8-bit output quantizer, i.e. rounding that neither the file nor TensorRT does (an earlier "
-              "session measured -3.3 dB SQNR on SegResNet with such quantizers, README). At few channels and "
-              "high resolution QLinearConv itself is slower than the float convolution (micro table), hence "
-              "`ort_fused.MIN_CHANNELS`.", ""]
+              f"models in these runs{' (' + ', '.join(faster) + ')' if faster else ''}, {load_text}; the SQNR "
+              "columns and the profiles' structure (which ops are float) do not depend on load. ONNX Runtime's CPU "
+              "provider runs a convolution in integer only as QLinearConv, which it makes from "
+              "`DQ(x), DQ(w) → Conv → Q` when the input and output quantizers have the same type "
+              "(`tests/test_ort_fused.py`); everything else runs in float between Q/DQ. The copy fuses every "
+              "convolution whose output the file already quantizes alone, adds the output quantizers the file "
+              "records for ONNX Runtime (chosen by `medptq quantize` under an SQNR budget, "
+              "`calibrate/ort_outputs.py`: the second number in the QLinearConv column; TensorRT and OpenVINO do "
+              "not see them) and dequantizes the other weights once (DequantizeLinear count before → after). What "
+              "stays float: ConvTranspose (no integer kernel in the CPU provider), the float layers, and "
+              "convolutions read in float whose output quantizer would cost more SQNR than the budget allows (for "
+              "these the only integer kernel with a float output, ConvInteger, is slower than the float "
+              "convolution: micro table). At few channels and high resolution QLinearConv itself is slower than "
+              "the float convolution (micro table), hence `ort_fused.MIN_CHANNELS`.", ""]
     commands = sorted({r.get("command", report["command"]) for r in report["rows"]}
                       | ({report["micro_command"]} if report.get("micro_command") else set()))
-    lines += [f"{machine_line(report['machine'])} Other processes were running (load average column: "
-              "2 cores); the variants were interleaved so that load hits each alike.", "",
+    lines += [f"{machine_line(report['machine'])} The variants were interleaved so that any load hits each "
+              "alike (load average column: 2 cores).", "",
               "Commands: " + "; ".join(f"`{c}`" for c in commands) + ".", ""]
     return "\n".join(lines)
 

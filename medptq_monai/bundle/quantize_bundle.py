@@ -11,6 +11,7 @@ was: the three files are built in a scratch folder and moved into place together
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import tempfile
@@ -25,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibrate.calibrators import DEFAULT_CALIBRATOR
+from ..calibrate.ort_outputs import DEFAULT_BUDGET_DB, SUMMARY_KEY
 from ..calibrate.patches import PatchPlan, sample_patches
 from ..calibrate.quantize import QuantizeOptions, quantize_onnx
 from ..engines import first_cpu_engine
@@ -64,6 +66,7 @@ def quantize_bundle(
     validation_patches: int = 8,
     max_float_fraction: float = 0.5,
     accuracy_engine: str = "auto",
+    ort_output_budget_db: float | None = None,
     **overrides: Any,
 ) -> dict:
     """Quantize the bundle at ``bundle_dir`` to INT8 and write its overlay; returns a summary.
@@ -86,6 +89,8 @@ def quantize_bundle(
     hand-picked ``float_layers`` are then not used (unless ``exclude`` is given). The candidates run on the CPU
     engine ``accuracy_engine`` (``auto``: OpenVINO when installed). The choice is recorded in the INT8 file and
     in the bundle metadata's ``quantization.accuracy_control``.
+    ``ort_output_budget_db``: the SQNR ONNX Runtime's output quantizers may cost (``calibrate/ort_outputs.py``;
+    0: none), default the metadata's ``quantization.ort_output_budget_db``, else 0.25.
     """
     start = time.perf_counter()
     if int(heldout_patches) < 0:
@@ -97,7 +102,8 @@ def quantize_bundle(
     with PeakRSS() as memory:
         bundle = read_bundle(bundle_dir, config_file, meta_file, **overrides)
         settings = bundle_quantization(bundle, calibrator=calibrator, num_patches=num_patches, seed=seed,
-                                       exclude=exclude, calibration_roi=calibration_roi)
+                                       exclude=exclude, calibration_roi=calibration_roi,
+                                       ort_output_budget_db=ort_output_budget_db)
         if max_dice_drop is not None:
             settings.accuracy = {"max_dice_drop": max_dice_drop, "metric": metric, "validation": validation,
                                  "num_patches": validation_patches, "max_float_fraction": max_float_fraction,
@@ -124,10 +130,12 @@ class Settings:
 
 def bundle_quantization(bundle: BundleConfig, calibrator: str | None = None, num_patches: int | None = None,
                         seed: int | None = None, exclude: Sequence[str] | str | None = None,
-                        calibration_roi: Sequence[int] | None = None) -> Settings:
+                        calibration_roi: Sequence[int] | None = None,
+                        ort_output_budget_db: float | None = None) -> Settings:
     """Quantization settings: each given argument, else the bundle metadata's ``quantization`` section
     (``calibrator``, ``calibration_patches``, ``seed``, ``float_layers``, ``quantize_attention``,
-    ``percentile``, ``calibration_max_roi``), else medptq's defaults. Bad values raise ``CalibrationError``."""
+    ``percentile``, ``calibration_max_roi``, ``ort_output_budget_db``), else medptq's defaults. Bad values raise
+    ``CalibrationError``."""
     meta = bundle.parser.get("_meta_::quantization", {}) if bundle.has("_meta_::quantization") else {}
     if not isinstance(meta, Mapping):
         raise BundleConfigError(f"{bundle.meta_file}: `quantization` must be an object, got {type(meta).__name__}")
@@ -146,6 +154,8 @@ def bundle_quantization(bundle: BundleConfig, calibrator: str | None = None, num
         percentile=float(meta.get("percentile", QuantizeOptions.percentile)),
         exclude=tuple(p for p in patterns if p),
         quantize_activation_matmul=bool(meta.get("quantize_attention", False)),
+        ort_output_budget_db=meta.get("ort_output_budget_db", DEFAULT_BUDGET_DB) if ort_output_budget_db is None
+        else ort_output_budget_db,
     )
     cap = meta.get("calibration_max_roi")
     roi = tuple(int(r) for r in calibration_roi) if calibration_roi is not None else None
@@ -318,6 +328,7 @@ def _quantize(bundle: BundleConfig, checkpoint: str | os.PathLike | None, roi_si
         "sqnr_db": sqnr,
         "sqnr_engine": engine,
         **({"accuracy_control": result.accuracy.summary()} if result.accuracy is not None else {}),
+        "ort_output_quantizers": json.loads(result.metadata[SUMMARY_KEY]),
     }
 
 

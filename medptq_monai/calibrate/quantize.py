@@ -33,6 +33,8 @@ from ..export.trt_check import assert_tensorrt_compatible
 from ..fileio import sha256_file
 from .accuracy_control import AccuracyControl, AccuracyResult, choose_float_nodes
 from .calibrators import CALIBRATORS, DEFAULT_CALIBRATOR, MAX_PASS_BYTES, check_calibrator, collect_ranges
+from .ort_outputs import DEFAULT_BUDGET_DB, OutputChoice, OutputStats, check_budget, choose_output_quantizers, \
+    output_tensors
 
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 HIGH_PRECISIONS = ("fp32", "fp16")  # what is not INT8: FP32 (default) or FP16 (export/fp16_remainder.py)
@@ -48,6 +50,8 @@ class QuantizeOptions:
     TensorRT variants of the written file: ``high_precision`` ``"fp16"`` stores and computes what is not
     INT8 in FP16 (``export/fp16_remainder.py``); ``rewrite_deconv`` turns stride-2 kernel-2 ConvTranspose
     into a per-channel INT8 1x1x1 Conv + depth-to-space (``export/deconv_rewrite.py``).
+    ONNX Runtime: ``ort_output_budget_db`` is the SQNR the output quantizers recorded for it may cost
+    (``ort_outputs``; 0: none).
     """
 
     calibrator: str = DEFAULT_CALIBRATOR
@@ -59,10 +63,12 @@ class QuantizeOptions:
     max_pass_bytes: int = MAX_PASS_BYTES
     high_precision: str = "fp32"
     rewrite_deconv: bool = False
+    ort_output_budget_db: float = DEFAULT_BUDGET_DB
 
     def __post_init__(self) -> None:
         check_calibrator(self.calibrator)
         check_high_precision(self.high_precision)
+        self.ort_output_budget_db = check_budget(self.ort_output_budget_db)
 
 
 def check_high_precision(name: str) -> None:
@@ -264,6 +270,17 @@ def write_qdq(
     return model
 
 
+def _no_ort_outputs(options: QuantizeOptions, calibration_roi: bool) -> str:
+    """Why ``quantize_onnx`` chooses no ONNX Runtime output quantizer without measuring ("" when it measures)."""
+    if options.ort_output_budget_db == 0:
+        return "budget 0"
+    if calibration_roi:
+        return "calibrated at a smaller roi than the model's"
+    if options.high_precision != "fp32":
+        return f"high_precision {options.high_precision}"
+    return ""
+
+
 def quantize_onnx(
     fp32_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -281,8 +298,9 @@ def quantize_onnx(
     ``accuracy``: return the most harmful layers to float until its Dice budget holds on its validation
     patches (``accuracy_control.choose_float_nodes``); nothing is written when it cannot be met.
     The result passes ``onnx.checker`` and the static TensorRT check before it is written;
-    ``metadata_props`` record calibrator, patch count, seed, source sha256, package version and the
-    TensorRT variants applied (``apply_tensorrt_variants``).
+    ``metadata_props`` record calibrator, patch count, seed, source sha256, package version, the
+    TensorRT variants applied (``apply_tensorrt_variants``) and the output quantizers chosen for ONNX Runtime
+    on the first calibration samples (``ort_outputs``).
     """
     options = options or QuantizeOptions()
     fp32_path = Path(fp32_path)
@@ -292,7 +310,13 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix="medptq-quant-") as work:
         work = Path(work)
         pre = work / "preprocessed.onnx"
-        chosen, excluded, tensors = select_nodes(preprocess(fp32_path, pre), options)
+        pre_model = preprocess(fp32_path, pre)
+        chosen, excluded, tensors = select_nodes(pre_model, options)
+        # ONNX Runtime output quantizers need samples at the model's own shape and an FP32 remainder
+        no_ort_outputs = _no_ort_outputs(options, calibration_model is not None)
+        followed = [] if no_ort_outputs else output_tensors(pre_model, chosen)
+        del pre_model
+        observed = OutputStats(pre, followed) if followed else None
         calib_pre, calib_spec = pre, spec
         if calibration_model is not None:
             calib_pre, calib_spec = work / "calibration.onnx", io_spec(load_onnx(calibration_model, load_weights=False))
@@ -300,9 +324,10 @@ def quantize_onnx(
                 raise CalibrationError(f"calibration model {calibration_model} has input {calib_spec.input_name} "
                                        f"{calib_spec.input_shape}; {fp32_path} has {spec.input_name} {spec.input_shape}")
             preprocess(calibration_model, calib_pre)
+        stream = _checked(patches, calib_spec.input_shape)
         ranges, count = collect_ranges(
-            calib_pre, spec.input_name, _checked(patches, calib_spec.input_shape), options.calibrator, tensors, work,
-            percentile=options.percentile, on_patch=on_patch, max_pass_bytes=options.max_pass_bytes,
+            calib_pre, spec.input_name, stream if observed is None else observed.observe(stream), options.calibrator,
+            tensors, work, percentile=options.percentile, on_patch=on_patch, max_pass_bytes=options.max_pass_bytes,
         )
         decision = None
         if accuracy is not None:
@@ -317,6 +342,10 @@ def quantize_onnx(
             excluded = [*excluded, *decision.float_nodes]
         int8 = write_qdq(pre, ranges, options, chosen, excluded, work)
         int8, variants = apply_tensorrt_variants(int8, options, load_onnx(pre) if options.rewrite_deconv else None)
+        ort_choice = (choose_output_quantizers(int8, observed, options.ort_output_budget_db) if observed is not None
+                      else OutputChoice(budget_db=options.ort_output_budget_db, reason=no_ort_outputs or
+                                        "no quantized convolution with enough input channels"))
+        del observed
         meta = {
             "medptq.version": __version__,
             "medptq.precision": "int8",
@@ -328,6 +357,7 @@ def quantize_onnx(
             "medptq.fp32_sha256": sha256_file(fp32_path),
             **variants,
             **(decision.metadata() if decision is not None else {}),
+            **ort_choice.metadata(),
         }
         if CALIBRATORS[options.calibrator].uses_percentile:
             meta["medptq.percentile"] = options.percentile

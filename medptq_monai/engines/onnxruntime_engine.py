@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import onnx
 import onnxruntime as ort
@@ -12,6 +13,7 @@ from ..errors import ModelFileError
 from .base import Engine
 from .cpu_isa import accumulates_in_32_bits, engine_isa
 from .ort_fused import OrtFusion, describe_fusion, make_ort_fused
+from .ort_output_quantizers import add_output_quantizers, read_output_quantizers
 from .saturation import SaturationFix, describe_fix, make_saturation_safe
 
 # Ops ONNX Runtime's CPU provider runs with integer kernels in our QDQ files: DQ→MatMul fuses into
@@ -21,10 +23,13 @@ INTEGER_OPS = ("MatMul", "Gemm")
 
 def cpu_int8_copy(model: onnx.ModelProto, isa: str) -> tuple[SaturationFix, OrtFusion]:
     """Rewrite a QDQ ``model`` in place into what the CPU engine runs on ``isa``: saturation-safe where INT8 sums
-    are 16-bit (and then no convolution fused), the ``ort_fused`` copy in every case."""
+    are 16-bit (and then no convolution fused, no output quantizer added), the ``ort_fused`` copy in every case,
+    with the file's ONNX Runtime output quantizers (``ort_output_quantizers``) added first where sums are 32-bit."""
     exact_sums = accumulates_in_32_bits(isa)
+    quantizers = read_output_quantizers(model)
     fix = SaturationFix(0, 0) if exact_sums else make_saturation_safe(model, INTEGER_OPS)
-    return fix, make_ort_fused(model, fuse=exact_sums)
+    added = len(add_output_quantizers(model, quantizers)) if exact_sums else 0
+    return fix, replace(make_ort_fused(model, fuse=exact_sums), output_quantizers=added)
 
 
 class OnnxRuntimeEngine(Engine):
@@ -32,7 +37,9 @@ class OnnxRuntimeEngine(Engine):
 
     On CPU, QDQ Conv is fused into integer QLinearConv only where the Q/DQ pattern allows it;
     other quantized ops run in float between Q/DQ. A QDQ model is loaded as an ORT-specific copy
-    (``ort_fused``): Relu-fed output quantizers are folded into QLinearConv where that is free, and
+    (``ort_fused``): Relu-fed output quantizers are folded into QLinearConv where that is free, the
+    output quantizers the file records for ONNX Runtime (chosen under an SQNR budget at quantize time,
+    ``calibrate/ort_outputs.py``) are added so that those convolutions run as QLinearConv too, and
     the weights of the convolutions it runs in float are dequantized once at load. On a CPU without
     32-bit INT8 accumulation (``cpu_isa``: MLAS follows the CPU's own flags) no convolution is fused
     and the ops it runs with integer kernels (``INTEGER_OPS``) are made saturation-safe (``saturation``).

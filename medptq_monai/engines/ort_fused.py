@@ -24,6 +24,7 @@ kernel in ONNX Runtime's CPU provider, and a convolution read in float (by Insta
 Add, a Concat) has no fast integer kernel (ConvInteger with a float epilogue is slower than the float
 convolution); QLinearConv there would need an 8-bit output quantizer the file does not have. On the demo
 U-Net the fusable convolutions are 2-3% of ONNX Runtime FP32's kernel time; on SegResNet and nnU-Net none.
+Output quantizers that the file records for ONNX Runtime only reach the rest (``ort_output_quantizers``).
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ MIN_CHANNELS = 32
 
 @dataclass(frozen=True)
 class OrtFusion:
-    """What ``make_ort_fused`` changed: convolutions fused with their output quantizer, weights folded."""
+    """What the ONNX Runtime copy changed: convolutions fused with their Relu-fed quantizer, weights folded, and
+    convolutions fused through an output quantizer the file records for ONNX Runtime (``ort_output_quantizers``)."""
 
     fused_convolutions: int
     folded_weights: int
+    output_quantizers: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.fused_convolutions or self.folded_weights)
+        return bool(self.fused_convolutions or self.folded_weights or self.output_quantizers)
 
 
 def make_ort_fused(model: onnx.ModelProto, min_channels: int = MIN_CHANNELS, fuse: bool = True) -> OrtFusion:
@@ -63,7 +66,8 @@ def make_ort_fused(model: onnx.ModelProto, min_channels: int = MIN_CHANNELS, fus
 
 def describe_fusion(fusion: OrtFusion) -> str:
     """For ``describe()``: what the ONNX Runtime copy changed."""
-    return (f"ORT-fused copy: {fusion.fused_convolutions} QLinearConv groups, "
+    return (f"ORT-fused copy: {fusion.fused_convolutions + fusion.output_quantizers} QLinearConv groups "
+            f"({fusion.output_quantizers} through the file's ONNX Runtime output quantizers), "
             f"{fusion.folded_weights} weights dequantized at load")
 
 

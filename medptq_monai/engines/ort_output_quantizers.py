@@ -1,0 +1,179 @@
+"""Output quantizers that the INT8 file records for ONNX Runtime only, added to its load-time copy.
+
+ONNX Runtime's CPU provider runs a convolution in integer only as QLinearConv, made from
+``DQ(x), DQ(w) → Conv → Q``. The INT8 file quantizes convolution inputs only (TensorRT's placement), so a
+convolution read in float (by InstanceNorm, a residual Add, a Concat) runs as a float convolution between
+Q/DQ. ``calibrate/ort_outputs.py`` chooses, at quantize time and under an SQNR budget, output quantizers for
+such convolutions and records them in the file's metadata (``KEY``); TensorRT and OpenVINO never read them.
+``add_output_quantizers`` puts ``Q(s8, scale, 0) → DQ`` after each, so ONNX Runtime fuses a QLinearConv.
+
+A convolution read only by an InstanceNormalization may also be equalized: InstanceNorm gives the same
+result for ``alpha_c * (y_c - shift_c)`` as for ``y_c`` (``alpha_c > 0``; its epsilon aside), so each output
+channel is centred and scaled to the same spread before the one per-tensor scale quantizes it: the weight
+scales are multiplied by ``alpha`` and the bias becomes ``alpha * (bias - shift)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .ort_fused import MIN_CHANNELS, _graph_maps, _input_channels, _is_activation_dq, _is_weight_dq
+
+KEY = "medptq.ort.output_quantizers"  # metadata_props: JSON {convolution output tensor: OutputQuantizer}
+
+
+@dataclass(frozen=True)
+class OutputQuantizer:
+    """A symmetric int8 per-tensor ``scale`` for one convolution output, after an optional per-channel
+    equalization ``alpha * (y - shift)`` (InstanceNorm readers only)."""
+
+    scale: float
+    alpha: tuple[float, ...] | None = None
+    shift: tuple[float, ...] | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The metadata form."""
+        out: dict[str, object] = {"scale": self.scale}
+        if self.alpha is not None:
+            out.update(alpha=list(self.alpha), shift=list(self.shift or ()))
+        return out
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _parsed(name: str, entry: object) -> OutputQuantizer:
+    if not isinstance(entry, Mapping) or not _positive(entry.get("scale")):
+        raise ValueError(f"metadata {KEY}: {name!r} needs a positive finite 'scale', got {entry!r:.200}")
+    alpha, shift = entry.get("alpha"), entry.get("shift")
+    if alpha is None and shift is None:
+        return OutputQuantizer(float(entry["scale"]))
+    if not (isinstance(alpha, list) and isinstance(shift, list) and len(alpha) == len(shift) and alpha
+            and all(_positive(a) for a in alpha)
+            and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in shift)):
+        raise ValueError(f"metadata {KEY}: {name!r} needs 'alpha' (positive) and 'shift' lists of one length")
+    return OutputQuantizer(float(entry["scale"]), tuple(float(a) for a in alpha), tuple(float(s) for s in shift))
+
+
+def read_output_quantizers(model: onnx.ModelProto) -> dict[str, OutputQuantizer]:
+    """The output quantizers ``model`` records (none when ``KEY`` is absent); ``ValueError`` naming the key when
+    the entry is malformed."""
+    raw = next((p.value for p in model.metadata_props if p.key == KEY), None)
+    if raw is None:
+        return {}
+    try:
+        entries = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"metadata {KEY} is not JSON: {err}") from err
+    if not isinstance(entries, dict):
+        raise ValueError(f"metadata {KEY} must be a JSON object of convolution outputs, got {raw[:200]}")
+    return {str(name): _parsed(str(name), entry) for name, entry in entries.items()}
+
+
+def metadata_value(quantizers: Mapping[str, OutputQuantizer]) -> str:
+    """``KEY``'s value for ``quantizers``."""
+    return json.dumps({name: q.to_json() for name, q in sorted(quantizers.items())}, sort_keys=True)
+
+
+def output_quantizer_convs(model: onnx.ModelProto, min_channels: int = MIN_CHANNELS) -> list[onnx.NodeProto]:
+    """Convolutions ONNX Runtime would run as QLinearConv if their output were quantized: a per-tensor FP32
+    activation DequantizeLinear fed by a QuantizeLinear and a symmetric int8 weight in, at least
+    ``min_channels`` input channels, and an output read in float (not a graph output, not already read by a
+    lone QuantizeLinear or by a Relu → QuantizeLinear, which ``ort_fused.fuse_relu_quantize`` takes)."""
+    producer, readers = _graph_maps(model.graph)
+    inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    found = []
+    for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
+        xdq, wdq = producer.get(conv.input[0]), producer.get(conv.input[1])
+        if not (_is_activation_dq(xdq, inits) and _is_weight_dq(wdq, inits)):
+            continue
+        xq = producer.get(xdq.input[0])
+        if xq is None or xq.op_type != "QuantizeLinear" or inits[xdq.input[1]].data_type != onnx.TensorProto.FLOAT:
+            continue
+        if _input_channels(conv, numpy_helper.to_array(inits[wdq.input[0]])) < min_channels:
+            continue
+        users = readers.get(conv.output[0], [])
+        if conv.output[0] in outputs or not users or (len(users) == 1 and users[0].op_type == "QuantizeLinear"):
+            continue
+        if len(users) == 1 and users[0].op_type == "Relu" and \
+                [r.op_type for r in readers.get(users[0].output[0], [])] == ["QuantizeLinear"]:
+            continue
+        found.append(conv)
+    return found
+
+
+def instance_norm_epsilon(conv: onnx.NodeProto, model: onnx.ModelProto) -> float | None:
+    """The epsilon of the InstanceNormalization that alone reads ``conv``'s output (None: equalization does not
+    apply)."""
+    users = [n for n in model.graph.node if conv.output[0] in n.input]
+    if len(users) != 1 or users[0].op_type != "InstanceNormalization" or users[0].input[0] != conv.output[0]:
+        return None
+    return next((float(helper.get_attribute_value(a)) for a in users[0].attribute if a.name == "epsilon"), 1e-5)
+
+
+def _equalize(conv: onnx.NodeProto, q: OutputQuantizer, model: onnx.ModelProto,
+              producer: Mapping[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]) -> bool:
+    """Scale ``conv``'s weight scales by ``q.alpha`` and set its bias to ``alpha * (bias - shift)`` (new
+    initializers); False, changing nothing, when the structure does not allow it."""
+    wdq = producer[conv.input[1]]
+    weight_scale = numpy_helper.to_array(inits[wdq.input[1]]).astype(np.float32)
+    channels = len(q.alpha or ())
+    readers = [n for n in model.graph.node if wdq.output[0] in n.input]
+    if instance_norm_epsilon(conv, model) is None or weight_scale.shape != (channels,) or readers != [conv]:
+        return False
+    bias_name = conv.input[2] if len(conv.input) > 2 else ""
+    while bias_name and bias_name not in inits and producer.get(bias_name) is not None \
+            and producer[bias_name].op_type == "Identity":  # an exporter's shared copy of an equal tensor
+        bias_name = producer[bias_name].input[0]
+    if bias_name and bias_name not in inits:
+        return False
+    bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32) if bias_name else np.zeros(channels, np.float32)
+    if bias.shape != (channels,):
+        return False
+    alpha, shift = np.asarray(q.alpha, np.float32), np.asarray(q.shift, np.float32)
+    out = conv.output[0]
+    model.graph.initializer.extend([
+        numpy_helper.from_array((weight_scale * alpha).astype(np.float32), f"{out}/ort_weight_scale"),
+        numpy_helper.from_array((alpha * (bias - shift)).astype(np.float32), f"{out}/ort_bias")])
+    wdq.input[1] = f"{out}/ort_weight_scale"
+    while len(conv.input) < 3:
+        conv.input.append("")
+    conv.input[2] = f"{out}/ort_bias"
+    return True
+
+
+def add_output_quantizers(model: onnx.ModelProto, quantizers: Mapping[str, OutputQuantizer],
+                          min_channels: int = MIN_CHANNELS) -> list[str]:
+    """Put ``Q(s8, scale, 0) → DQ`` after each ``output_quantizer_convs`` convolution whose output is in
+    ``quantizers`` (equalized first where it says so; a convolution whose equalization does not apply is left
+    as it is). Every reader then reads the dequantized tensor. Returns the outputs that got one."""
+    graph = model.graph
+    producer, readers = _graph_maps(graph)  # another convolution's quantizers leave these as they are
+    inits = {i.name: i for i in graph.initializer}
+    added: list[str] = []
+    for conv in output_quantizer_convs(model, min_channels):
+        out = conv.output[0]
+        q = quantizers.get(out)
+        if q is None or (q.alpha is not None and not _equalize(conv, q, model, producer, inits)):
+            continue
+        scale, zero = f"{out}/ort_output_scale", f"{out}/ort_output_zero_point"
+        graph.initializer.extend([numpy_helper.from_array(np.array(q.scale, np.float32), scale),
+                                  numpy_helper.from_array(np.array(0, np.int8), zero)])
+        for reader in readers[out]:
+            reader.input[:] = [f"{out}/ort_dq" if name == out else name for name in reader.input]
+        at = list(graph.node).index(conv) + 1
+        graph.node.insert(at, helper.make_node("DequantizeLinear", [f"{out}/ort_q", scale, zero], [f"{out}/ort_dq"],
+                                               name=f"{conv.name}/ort_output_DQ"))
+        graph.node.insert(at, helper.make_node("QuantizeLinear", [out, scale, zero], [f"{out}/ort_q"],
+                                               name=f"{conv.name}/ort_output_Q"))
+        added.append(out)
+    return added

@@ -1,0 +1,182 @@
+"""Output quantizers the INT8 file records for ONNX Runtime only (``engines/ort_output_quantizers``, chosen by
+``calibrate/ort_outputs``): what ONNX Runtime then fuses, InstanceNorm equalization, the SQNR budget measured
+again from the written file, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from medptq_monai.calibrate.ort_outputs import SELECTION_SAMPLES, SUMMARY_KEY
+from medptq_monai.calibrate.quantize import QuantizeOptions, quantize_onnx
+from medptq_monai.engines.onnxruntime_engine import OnnxRuntimeEngine, cpu_int8_copy
+from medptq_monai.engines.ort_output_quantizers import (
+    KEY, OutputQuantizer, add_output_quantizers, output_quantizer_convs, read_output_quantizers,
+)
+from medptq_monai.errors import CalibrationError, ModelFileError
+from medptq_monai.export.onnx_model import metadata
+from medptq_monai.export.torch_export import export_fp32
+from medptq_monai.metrics import sqnr_db
+
+from conftest import ct_patches
+
+ROI = (16, 16, 16)
+CHANNELS = 32
+
+
+class _Net(torch.nn.Module):
+    """Conv → InstanceNorm twice (channels of very different spread), a residual Add, a 1x1x1 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv3d(1, CHANNELS, 3, padding=1)
+        self.conv1 = torch.nn.Conv3d(CHANNELS, CHANNELS, 3, padding=1)
+        self.norm1 = torch.nn.InstanceNorm3d(CHANNELS, affine=True)
+        self.conv2 = torch.nn.Conv3d(CHANNELS, CHANNELS, 3, padding=1)
+        self.head = torch.nn.Conv3d(CHANNELS, 3, 1)
+        with torch.no_grad():  # output channels whose spreads differ 300-fold: per-tensor rounding loses the small
+            self.conv1.weight.mul_(torch.logspace(0, 2.5, CHANNELS).view(-1, 1, 1, 1, 1))
+            self.conv1.bias.mul_(torch.logspace(0, 2.5, CHANNELS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.nn.functional.leaky_relu(self.norm1(self.conv1(h)), 0.01)
+        return self.head(h + self.conv2(h))
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ort_outq") / "fp32.onnx"
+    export_fp32(_Net().eval(), path, 1, ROI)
+    return path
+
+
+def _int8(fp32: Path, name: str, **options) -> Path:
+    out = fp32.with_name(name)
+    quantize_onnx(fp32, out, ct_patches(6, roi=ROI), QuantizeOptions(calibrator="max", **options))
+    return out
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, fuse: bool, saved: Path | None = None) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fuse
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    if saved is not None:
+        options.optimized_model_filepath = str(saved)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _fp32_out(fp32: Path, x: np.ndarray) -> np.ndarray:
+    return _run(onnx.load(str(fp32)), x, fuse=False)
+
+
+def test_the_choice_meets_its_budget_when_measured_again_from_the_written_file(fp32: Path) -> None:
+    """The file records quantizers whose SQNR cost on the first calibration samples, measured again here from
+    the written file, is what its summary says and within the budget; TensorRT's graph is unchanged."""
+    budget = 0.25
+    path = _int8(fp32, "int8.onnx", ort_output_budget_db=budget)
+    model = onnx.load(str(path))
+    summary = json.loads(metadata(model)[SUMMARY_KEY])
+    quantizers = read_output_quantizers(model)
+    assert summary["candidates"] == 2 and summary["chosen"] == len(quantizers) >= 1, summary
+    samples = ct_patches(6, roi=ROI)[:SELECTION_SAMPLES]
+    reference = np.concatenate([_fp32_out(fp32, x).ravel() for x in samples])
+    plain = np.concatenate([_run(model, x, fuse=False).ravel() for x in samples])
+    copy = onnx.load(str(path))
+    assert sorted(add_output_quantizers(copy, quantizers)) == sorted(quantizers), "every recorded one applies"
+    with_q = np.concatenate([_run(copy, x, fuse=False).ravel() for x in samples])
+    base, got = sqnr_db(reference, plain), sqnr_db(reference, with_q)
+    assert base == pytest.approx(summary["sqnr_db_file"], abs=1e-3)
+    assert got == pytest.approx(summary["sqnr_db_ort"], abs=1e-3)
+    assert base - got <= budget + 1e-6
+    assert not any(n.name.endswith("/ort_output_Q") for n in model.graph.node), "the file's graph is unchanged"
+    assert path.read_bytes() == _int8(fp32, "int8_again.onnx", ort_output_budget_db=budget).read_bytes()
+
+
+def test_onnx_runtime_fuses_the_added_quantizers_into_qlinearconv(fp32: Path, tmp_path: Path) -> None:
+    """Without them ORT runs every convolution in float; with both quantizers both run as QLinearConv, and the
+    fused graph computes what the Q/DQ graph computes."""
+    model = onnx.load(str(_int8(fp32, "int8_fuse.onnx", ort_output_budget_db=100.0)))
+    quantizers = read_output_quantizers(model)
+    assert len(quantizers) == 2 == len(output_quantizer_convs(model))
+    x = ct_patches(1, seed=5, roi=ROI)[0]
+    _run(model, x, fuse=True, saved=tmp_path / "before.onnx")
+    add_output_quantizers(model, quantizers)
+    fused = _run(model, x, fuse=True, saved=tmp_path / "after.onnx")
+    ops = [Counter(n.op_type for n in onnx.load(str(tmp_path / f)).graph.node) for f in ("before.onnx", "after.onnx")]
+    assert ops[0].get("QLinearConv", 0) == 0 and ops[1].get("QLinearConv", 0) == 2, ops
+    assert sqnr_db(_run(model, x, fuse=False), fused) > 30.0
+
+
+def test_instance_norm_equalization_keeps_small_channels(fp32: Path) -> None:
+    """conv1's channels differ 300-fold in spread and InstanceNorm rescales each: one per-tensor scale without
+    equalization rounds the small channels away; with it the output stays close to the Q/DQ-free file."""
+    model = onnx.load(str(_int8(fp32, "int8_eq.onnx", ort_output_budget_db=100.0)))
+    quantizers = read_output_quantizers(model)
+    name, q = next((n, q) for n, q in quantizers.items() if q.alpha is not None)
+    x = ct_patches(1, seed=7, roi=ROI)[0]
+    reference = _run(model, x, fuse=False)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output[0].name = name  # conv1's float output: the per-tensor scale that covers it
+    plain = OutputQuantizer(float(np.abs(_run(probe, x, fuse=False)).max()) / 127.0)
+    results = {}
+    for label, chosen in (("equalized", q), ("plain", plain)):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        assert add_output_quantizers(copy, {name: chosen}) == [name]
+        results[label] = sqnr_db(reference, _run(copy, x, fuse=False))
+    assert results["equalized"] > 20.0 and results["equalized"] > results["plain"] + 10.0, results
+
+
+def test_engine_adds_them_only_where_int8_sums_are_32_bit(fp32: Path) -> None:
+    """On a 16-bit-sum (AVX2) path QLinearConv would saturate: the copy then adds none."""
+    path = _int8(fp32, "int8_isa.onnx", ort_output_budget_db=100.0)
+    _, exact = cpu_int8_copy(onnx.load(str(path)), "amx")
+    _, avx2 = cpu_int8_copy(onnx.load(str(path)), "avx2")
+    assert exact.output_quantizers == 2 and avx2.output_quantizers == 0
+    engine = OnnxRuntimeEngine(path, "int8")
+    assert "through the file's ONNX Runtime output quantizers" in engine.describe()["ort_graph"]
+
+
+@pytest.mark.parametrize("budget", [-0.1, float("nan"), float("inf"), "0.3", True])
+def test_a_bad_budget_is_refused_before_anything_is_written(fp32: Path, budget) -> None:
+    out = fp32.with_name("never.onnx")
+    with pytest.raises(CalibrationError, match="ort_output_budget_db must be a number >= 0"):
+        quantize_onnx(fp32, out, ct_patches(2, roi=ROI), QuantizeOptions(ort_output_budget_db=budget))
+    assert not out.exists()
+
+
+def test_budget_zero_records_none(fp32: Path) -> None:
+    model = onnx.load(str(_int8(fp32, "int8_zero.onnx", ort_output_budget_db=0)))
+    assert read_output_quantizers(model) == {}
+    assert json.loads(metadata(model)[SUMMARY_KEY])["reason"] == "budget 0"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{not json", "is not JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"t": {"scale": -1}}', "positive finite 'scale'"),
+    ('{"t": {"scale": 0.1, "alpha": [1, 2], "shift": [0]}}', "'alpha' \\(positive\\) and 'shift'"),
+])
+def test_a_malformed_entry_names_the_key(fp32: Path, tmp_path: Path, value: str, message: str) -> None:
+    """A hand-edited or corrupt entry: ``read_output_quantizers`` says what is wrong, the engine refuses the file."""
+    model = onnx.load(str(_int8(fp32, "int8_bad.onnx", ort_output_budget_db=0)))
+    for prop in model.metadata_props:
+        if prop.key == KEY:
+            prop.value = value
+    with pytest.raises(ValueError, match=message):
+        read_output_quantizers(model)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(ModelFileError, match=KEY):
+        OnnxRuntimeEngine(bad, "int8")
