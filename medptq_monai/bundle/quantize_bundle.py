@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..calibrate.accuracy_control import METRICS, ValidationSet
 from ..calibrate.calibrators import DEFAULT_CALIBRATOR
 from ..calibrate.ort_outputs import DEFAULT_BUDGET_DB, SUMMARY_KEY
 from ..calibrate.patches import PatchPlan, sample_patches
@@ -36,7 +37,6 @@ from ..export.torch_export import export_fp32
 from ..fileio import sha256_file, write_text_atomic
 from ..machine import PeakRSS
 from ..metrics import sqnr_db
-from ..calibrate.accuracy_control import METRICS, ValidationSet
 from .accuracy import check_request, metadata_with_accuracy, read_validation_set, split_validation, validation_control
 from .bundle_config import BundleConfig, dataset_images, importable_scripts, inferer_roi, meta_channels, read_bundle
 from .overlay import (
