@@ -40,8 +40,9 @@ from ..engines.ort_output_quantizers import (
 from ..errors import CalibrationError
 from ..metrics import sqnr_db
 
-# the bar is 0.5 dB against OpenVINO on unseen data: the in-sample budget leaves a margin
-DEFAULT_BUDGET_DB = 0.25
+# off by default: the statistics pass and the choice slow quantization (the test suite ran several times longer)
+# for 0.83-1.17x measured at 0.25 dB (README); 0.25 leaves a margin under the 0.5 dB on unseen data
+DEFAULT_BUDGET_DB = 0.0
 SELECTION_SAMPLES = 2
 SUMMARY_KEY = "medptq.ort.output_quantizers_choice"
 EPS_MARGIN = 100.0  # equalize a channel when its variance dwarfs the InstanceNorm epsilon (< 0.5% change)
