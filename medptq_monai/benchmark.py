@@ -137,16 +137,18 @@ class _EngineModule(torch.nn.Module):
         return self.engine(x).to(x.device)
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: str = "cpu") -> tuple[list[float], Any]:
-    """``warmup`` untimed then ``repeats`` timed calls of ``fn`` (perf_counter, CUDA synchronised);
-    returns the times in seconds and the last result."""
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: str = "cpu", min_seconds: float = 0.0,
+               max_repeats: int = 9) -> tuple[list[float], Any]:
+    """``warmup`` untimed then ``repeats`` timed calls of ``fn`` (perf_counter, CUDA synchronised), more (up to
+    ``max_repeats``) while the timed calls total less than ``min_seconds``; returns the times in seconds and the
+    last result."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     out = None
     for _ in range(warmup):
         fn()
     sync()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < max(max_repeats, repeats)):
         start = time.perf_counter()
         out = fn()
         sync()

@@ -39,7 +39,7 @@ class Commands:
         <= X, at most MAX_FLOAT_FRACTION of the layers; the validation set comes like the calibration data with
         --val_ overrides (--val_dataset_dir D2, --val_datalist [...], --val_data_list_file_path F), disjoint;
         the candidates run on ACCURACY_ENGINE (auto: OpenVINO when installed, else onnxruntime).
-        ORT_OUTPUT_BUDGET_DB (default: metadata quantization.ort_output_budget_db, else 0, off; e.g. 0.25): the SQNR
+        ORT_OUTPUT_BUDGET_DB (default: metadata quantization.ort_output_budget_db, else 0.25; 0: off): the SQNR
         that output quantizers recorded for ONNX Runtime may cost, so that it runs those convolutions in INT8.
         """
         from .bundle.quantize_bundle import quantize_bundle
@@ -128,7 +128,8 @@ class Commands:
               calib_patches: int = 8, threads: int | None = None, nncf: bool = True) -> None:
         """All bundles at full size in one run: sizes, calibration peak memory, per-patch latency of torch FP32,
         ONNX Runtime and OpenVINO FP32/INT8, SQNR; reports/benchmark.{json,md,png}. ONLY: comma-separated
-        bundle names. QUICK: 1 timed call, 2 calibration patches. NNCF: NNCF's INT8 on the same patches beside
+        bundle names. QUICK: 1 timed call (more, up to 9, while they total under 3 s),
+        2 calibration patches. NNCF: NNCF's INT8 on the same patches beside
         medptq's (needs the peer extra)."""
         from .benchmark_suite import run_suite
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from medptq_monai.benchmark import parse_engines, run_benchmark
+from medptq_monai.benchmark import parse_engines, run_benchmark, time_calls
 from medptq_monai.benchmark_suite import find_bundles, run_suite
 from medptq_monai.metrics import dice_per_class, mean_dice
 from medptq_monai.bundle.runner import bundle_parser
@@ -161,6 +162,22 @@ def test_bad_inputs(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_time_calls_adds_calls_up_to_min_seconds() -> None:
+    calls = []
+
+    def fn() -> int:
+        calls.append(1)
+        time.sleep(0.01)
+        return len(calls)
+
+    times, last = time_calls(fn, warmup=2, repeats=1, min_seconds=0.045)
+    assert 5 <= len(times) <= 9 and sum(times) >= 0.045 and last == len(calls) == len(times) + 2
+    times, _ = time_calls(fn, warmup=0, repeats=1, min_seconds=60.0, max_repeats=3)
+    assert len(times) == 3  # capped
+    times, _ = time_calls(fn, warmup=0, repeats=4)
+    assert len(times) == 4  # no minimum: exactly the repeats
+
+
 def test_dice_per_class() -> None:
     ref = np.array([[0, 1, 1], [2, 2, 0]])
     assert dice_per_class(ref, ref, 4) == {1: 1.0, 2: 1.0}  # class 3 absent from ref: not scored
@@ -201,6 +218,9 @@ def test_suite_rows(suite: dict) -> None:
     assert set(row["patch_seconds"]) == {"torch_fp32", "onnxruntime_fp32", "onnxruntime_int8", "openvino_fp32",
                                          "openvino_int8"}
     assert all(v > 0 for v in row["patch_seconds"].values())
+    # quick: more timed calls while an engine's total is under QUICK["min_seconds"], at most 9
+    assert all(1 <= len(t) <= 9 and (len(t) == 9 or sum(t) >= 3.0) for t in row["patch_times_s"].values())
+    assert suite["settings"]["min_seconds"] == 3.0
     assert row["onnx_fp32_bytes"] / row["onnx_int8_bytes"] > 3.5
     assert row["calib_peak_bytes"] > 50 * 2**20
     by_engine = row["sqnr_db_by_engine"]
