@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from medptq_monai.calibrate.ort_outputs import SELECTION_SAMPLES, SUMMARY_KEY
+from medptq_monai.calibrate.ort_outputs import MAX_SELECTION_RUNS, SELECTION_SAMPLES, SUMMARY_KEY, _longest_fitting
 from medptq_monai.calibrate.quantize import QuantizeOptions, quantize_onnx
 from medptq_monai.engines.onnxruntime_engine import OnnxRuntimeEngine, cpu_int8_copy
 from medptq_monai.engines.ort_output_quantizers import (
@@ -138,6 +138,20 @@ def test_instance_norm_equalization_keeps_small_channels(fp32: Path) -> None:
     assert results["equalized"] > 20.0 and results["equalized"] > results["plain"] + 10.0, results
 
 
+def test_a_one_sided_output_gets_an_asymmetric_range_that_covers_every_value_seen(fp32: Path) -> None:
+    """conv2 (read by the residual Add, so not equalized) gets a zero point: its 256 levels span exactly the
+    range its FP32 output took on the calibration patches (with 0), not a symmetric one."""
+    model = onnx.load(str(_int8(fp32, "int8_asym.onnx", ort_output_budget_db=100.0)))
+    name, q = next((n, q) for n, q in read_output_quantizers(model).items() if q.alpha is None)
+    probe = onnx.load(str(fp32))
+    probe.graph.output[0].name = name
+    seen = np.concatenate([_run(probe, x, fuse=False).ravel() for x in ct_patches(6, roi=ROI)])
+    low, high = min(float(seen.min()), 0.0), max(float(seen.max()), 0.0)
+    assert q.zero_point != 0 and q.scale == pytest.approx((high - low) / 255.0, rel=1e-5)
+    assert (-128 - q.zero_point) * q.scale <= low + q.scale and (127 - q.zero_point) * q.scale >= high - q.scale
+    assert q.scale < max(-low, high) / 127.0  # finer than the symmetric scale
+
+
 def test_engine_adds_them_only_where_int8_sums_are_32_bit(fp32: Path) -> None:
     """On a 16-bit-sum (AVX2) path QLinearConv would saturate: the copy then adds none."""
     path = _int8(fp32, "int8_isa.onnx", ort_output_budget_db=100.0)
@@ -146,6 +160,25 @@ def test_engine_adds_them_only_where_int8_sums_are_32_bit(fp32: Path) -> None:
     assert exact.output_quantizers == 2 and avx2.output_quantizers == 0
     engine = OnnxRuntimeEngine(path, "int8")
     assert "through the file's ONNX Runtime output quantizers" in engine.describe()["ort_graph"]
+
+
+def test_the_search_skips_a_quantizer_that_does_not_fit_and_goes_on() -> None:
+    """Costs add here (dB): the first and the fourth do not fit; a prefix search would stop at the first."""
+    cost = {"a": 0.3, "b": 0.05, "c": 0.1, "d": 0.3, "e": 0.05, "f": 0.2}
+    runs: list[list[str]] = []
+
+    def sqnr(names) -> float:
+        runs.append(list(names))
+        return 20.0 - sum(cost[n] for n in names)
+
+    taken, db = _longest_fitting(list(cost), 20.0, 0.25, sqnr)
+    assert taken == ["b", "c", "e"] and db == pytest.approx(19.8)
+    assert len(runs) <= MAX_SELECTION_RUNS - 2
+    runs.clear()
+    many = {f"n{i:02d}": 0.01 for i in range(40)}
+    cost.update(many, n00=1.0)
+    taken, _ = _longest_fitting(list(many), 20.0, 0.25, sqnr)
+    assert len(runs) == MAX_SELECTION_RUNS - 2 and "n00" not in taken and 0 < len(taken) <= 25  # capped, in budget
 
 
 @pytest.mark.parametrize("budget", [-0.1, float("nan"), float("inf"), "0.3", True])
@@ -167,6 +200,8 @@ def test_budget_zero_records_none(fp32: Path) -> None:
     ("[1, 2]", "must be a JSON object"),
     ('{"t": {"scale": -1}}', "positive finite 'scale'"),
     ('{"t": {"scale": 0.1, "alpha": [1, 2], "shift": [0]}}', "'alpha' \\(positive\\) and 'shift'"),
+    ('{"t": {"scale": 0.1, "zero_point": 200}}', "integer 'zero_point' in \\[-128, 127\\]"),
+    ('{"t": {"scale": 0.1, "zero_point": 1.5}}', "integer 'zero_point'"),
 ])
 def test_a_malformed_entry_names_the_key(fp32: Path, tmp_path: Path, value: str, message: str) -> None:
     """A hand-edited or corrupt entry: ``read_output_quantizers`` says what is wrong, the engine refuses the file."""

@@ -90,7 +90,7 @@ def quantize_bundle(
     engine ``accuracy_engine`` (``auto``: OpenVINO when installed). The choice is recorded in the INT8 file and
     in the bundle metadata's ``quantization.accuracy_control``.
     ``ort_output_budget_db``: the SQNR ONNX Runtime's output quantizers may cost (``calibrate/ort_outputs.py``;
-    0: none), default the metadata's ``quantization.ort_output_budget_db``, else 0 (off).
+    0: none), default the metadata's ``quantization.ort_output_budget_db``, else ``ort_outputs.DEFAULT_BUDGET_DB``.
     """
     start = time.perf_counter()
     if int(heldout_patches) < 0:

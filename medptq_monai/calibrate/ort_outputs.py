@@ -5,16 +5,18 @@ runs a convolution in integer only as QLinearConv, which needs a quantized outpu
 3-D SegResNet or nnU-Net are read in float (InstanceNorm, residual Add) and run as float convolutions between
 Q/DQ, so ONNX Runtime INT8 was no faster than its FP32 (``reports/ort_int8.md``).
 
-Here each such convolution (``engines/ort_output_quantizers.output_quantizer_convs``) gets a symmetric int8
-per-tensor output scale covering every value its FP32 output took on the calibration patches (``OutputStats``
-streams per-channel statistics beside the calibration); one read only by an InstanceNorm is equalized first
-(each channel centred and scaled to the widest channel's spread, which InstanceNorm undoes). Each quantizer
+Here each such convolution (``engines/ort_output_quantizers.output_quantizer_convs``) gets an int8 per-tensor
+output quantizer covering every value its FP32 output took on the calibration patches (``OutputStats`` streams
+per-channel statistics beside the calibration): asymmetric (a zero point) in general; one read only by an
+InstanceNorm is equalized first (each channel centred on its range and scaled to the widest half-range, which
+InstanceNorm undoes), then quantized symmetrically. Each quantizer
 adds rounding the file does not have, so they are chosen under a budget: the SQNR (vs FP32) of the model with
 them may fall at most ``budget_db`` below that of the file as written, on the first ``SELECTION_SAMPLES``
 calibration samples. All of them when that holds; else they are ordered by their rounding noise relative to
 their signal (from the statistics, per channel where an InstanceNorm reads them) per multiply-accumulate of
-the convolution (the most speed for the dB first) and the longest prefix within the budget is found by
-bisection (``log2(n) + 2`` runs of the model in all). The model runs with ONNX Runtime's QDQ fusions off: the
+the convolution (the most speed for the dB first), the longest prefix within the budget is found by
+bisection, the one after it (which does not fit) is skipped and the search goes on with the rest, up to
+``MAX_SELECTION_RUNS`` runs of the model in all. The model runs with ONNX Runtime's QDQ fusions off: the
 quantizers' arithmetic, not a CPU's kernels. The choice goes into the file's metadata
 (``ort_output_quantizers.KEY``, with a summary under ``SUMMARY_KEY``); TensorRT and OpenVINO read the graph
 as before.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +42,10 @@ from ..engines.ort_output_quantizers import (
 from ..errors import CalibrationError
 from ..metrics import sqnr_db
 
-# off by default: the statistics pass and the choice slow quantization (the test suite ran several times longer)
-# for 0.83-1.17x measured at 0.25 dB (README); 0.25 leaves a margin under the issue's 0.5 dB on unseen data
-DEFAULT_BUDGET_DB = 0.0
+# 0.25 dB on the calibration samples leaves a margin under the issue's 0.5 dB (vs OpenVINO) on unseen data
+DEFAULT_BUDGET_DB = 0.25
 SELECTION_SAMPLES = 2
+MAX_SELECTION_RUNS = 12  # model runs of the choice (each on SELECTION_SAMPLES samples), the first two included
 SUMMARY_KEY = "medptq.ort.output_quantizers_choice"
 EPS_MARGIN = 100.0  # equalize a channel when its variance dwarfs the InstanceNorm epsilon (< 0.5% change)
 
@@ -90,26 +92,37 @@ class _ChannelStats:
         self.low, self.high = np.full(channels, np.inf), np.full(channels, -np.inf)
 
     def add(self, y: np.ndarray) -> None:
-        flat = np.moveaxis(y, 1, 0).reshape(y.shape[1], -1).astype(np.float64)
-        self.count += flat.shape[1]
-        self.samples += y.shape[0]
-        self.total += flat.sum(axis=1)
-        self.squares += np.square(flat).sum(axis=1)
-        self.low, self.high = np.minimum(self.low, flat.min(axis=1)), np.maximum(self.high, flat.max(axis=1))
+        """Add a batch ``[N, C, ...]``: each sample read in place, sums accumulated in float64 (no float64 copy)."""
+        for sample in np.ascontiguousarray(y):
+            flat = sample.reshape(sample.shape[0], -1)
+            self.count += flat.shape[1]
+            self.samples += 1
+            self.total += flat.sum(axis=1, dtype=np.float64)
+            self.squares += np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
+            self.low = np.minimum(self.low, flat.min(axis=1))
+            self.high = np.maximum(self.high, flat.max(axis=1))
 
     def quantizer(self, epsilon: float | None) -> OutputQuantizer | None:
-        """The scale covering every value seen, after equalization when ``epsilon`` (an InstanceNorm reader's)
-        is given: channels whose variance exceeds ``EPS_MARGIN`` times it are scaled to the widest one's spread
-        (below that the epsilon matters to InstanceNorm, and they keep theirs); None for an all-zero tensor."""
+        """The int8 quantizer covering every value seen; None for an all-zero tensor. With ``epsilon`` (an
+        InstanceNorm reader's) the tensor is equalized first: every channel is centred on its range (InstanceNorm
+        removes any shift) and those whose variance exceeds ``EPS_MARGIN`` times the epsilon are scaled to the
+        widest half-range (below that the epsilon matters to InstanceNorm, and they keep their own), then one
+        symmetric scale covers them. Without it one asymmetric range (with 0 in it) spans the 256 levels."""
         mean = self.total / self.count
-        std = np.sqrt(np.maximum(self.squares / self.count - np.square(mean), 0.0))
-        if epsilon is not None and np.any(np.square(std) > EPS_MARGIN * epsilon):
-            alpha = np.where(np.square(std) > EPS_MARGIN * epsilon, std.max() / np.maximum(std, 1e-30), 1.0)
-            amax = float(np.max(alpha * np.maximum(self.high - mean, mean - self.low)))
+        var = np.maximum(self.squares / self.count - np.square(mean), 0.0)
+        if epsilon is not None and np.any(var > EPS_MARGIN * epsilon):
+            half = (self.high - self.low) / 2.0
+            wide = var > EPS_MARGIN * epsilon
+            alpha = np.where(wide, half[wide].max() / np.maximum(half, 1e-30), 1.0)
+            amax = float(np.max(alpha * half))
             if 0 < amax < math.inf:
-                return OutputQuantizer(amax / 127.0, tuple(float(a) for a in alpha), tuple(float(m) for m in mean))
-        amax = float(np.max(np.maximum(np.abs(self.low), np.abs(self.high))))
-        return OutputQuantizer(amax / 127.0) if 0 < amax < math.inf else None
+                return OutputQuantizer(amax / 127.0, tuple(float(a) for a in alpha),
+                                       tuple(float(m) for m in (self.high + self.low) / 2.0))
+        low, high = min(float(self.low.min()), 0.0), max(float(self.high.max()), 0.0)
+        if not 0 < high - low < math.inf:
+            return None
+        scale = (high - low) / 255.0
+        return OutputQuantizer(scale, zero_point=int(np.clip(round(-128.0 - low / scale), -128, 127)))
 
     def relative_noise(self, q: OutputQuantizer, normalized: bool) -> float:
         """Rounding noise power of ``q`` over signal power (uniform rounding, ``scale² / 12``): per channel and
@@ -224,15 +237,32 @@ def choose_output_quantizers(int8: onnx.ModelProto, observed: OutputStats, budge
     if base - best_db > budget_db:  # least rounding noise per multiply-accumulate first: the most speed per dB
         noise = {n: observed.stats[n].relative_noise(measured[n], epsilon[n] is not None) for n in names}
         work = {c.output[0]: _macs(c, int8, observed.stats[c.output[0]]) for c in convs if c.output[0] in noise}
-        order = sorted(names, key=lambda n: (noise[n] / work[n], n))
-        low, high, best_db = 0, len(order), base  # the first ``low`` fit the budget, ``high`` do not
-        while high - low > 1:
-            mid = (low + high) // 2
-            db = sqnr(order[:mid])
+        best, best_db = _longest_fitting(sorted(names, key=lambda n: (noise[n] / work[n], n)), base, budget_db, sqnr)
+    return OutputChoice({n: measured[n] for n in best}, len(names), budget_db, len(samples), base, best_db,
+                        "" if best else "no output quantizer fits the budget alone")
+
+
+def _longest_fitting(order: Sequence[str], base: float, budget_db: float,
+                     sqnr: Callable[[Sequence[str]], float]) -> tuple[list[str], float]:
+    """Walk ``order`` (``order`` as a whole does not fit): bisect for the longest prefix of what is left that fits
+    with what is taken, take it, skip the next one (it does not fit), go on with the rest; at most
+    ``MAX_SELECTION_RUNS - 2`` runs of ``sqnr`` (SQNR of the model with the given quantizers)."""
+    taken: list[str] = []
+    taken_db, rest, runs, known_misfit = base, list(order), 2, True
+    while rest and runs < MAX_SELECTION_RUNS:
+        if not known_misfit:  # everything left may fit at once
+            db, runs = sqnr([*taken, *rest]), runs + 1
             if base - db <= budget_db:
-                low, best_db = mid, db
+                return [*taken, *rest], db
+        low, high = 0, len(rest)  # ``taken`` + the first ``low`` fit, + the first ``high`` do not
+        while high - low > 1 and runs < MAX_SELECTION_RUNS:
+            mid = (low + high) // 2
+            db, runs = sqnr([*taken, *rest[:mid]]), runs + 1
+            if base - db <= budget_db:
+                low, taken_db = mid, db
             else:
                 high = mid
-        best = order[:low]
-    return OutputChoice({n: measured[n] for n in best}, len(names), budget_db, len(samples), base, best_db,
-                        "" if best else "the first output quantizer alone exceeds the budget")
+        if high - low > 1:  # out of runs before the bisection ended
+            return [*taken, *rest[:low]], taken_db
+        taken, rest, known_misfit = [*taken, *rest[:low]], rest[high:], False
+    return taken, taken_db

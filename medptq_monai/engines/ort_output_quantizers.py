@@ -5,12 +5,14 @@ ONNX Runtime's CPU provider runs a convolution in integer only as QLinearConv, m
 convolution read in float (by InstanceNorm, a residual Add, a Concat) runs as a float convolution between
 Q/DQ. ``calibrate/ort_outputs.py`` chooses, at quantize time and under an SQNR budget, output quantizers for
 such convolutions and records them in the file's metadata (``KEY``); TensorRT and OpenVINO never read them.
-``add_output_quantizers`` puts ``Q(s8, scale, 0) → DQ`` after each, so ONNX Runtime fuses a QLinearConv.
+``add_output_quantizers`` puts ``Q(s8, scale, zero_point) → DQ`` after each, so ONNX Runtime fuses a QLinearConv
+(int8 like the convolution's input, which the fusion needs; the zero point lets the 256 levels span a
+one-sided range).
 
 A convolution read only by an InstanceNormalization may also be equalized: InstanceNorm gives the same
 result for ``alpha_c * (y_c - shift_c)`` as for ``y_c`` (``alpha_c > 0``; its epsilon aside), so each output
-channel is centred and scaled to the same spread before the one per-tensor scale quantizes it: the weight
-scales are multiplied by ``alpha`` and the bias becomes ``alpha * (bias - shift)``.
+channel is centred on its range and scaled to the same half-range before the one per-tensor scale quantizes
+it: the weight scales are multiplied by ``alpha`` and the bias becomes ``alpha * (bias - shift)``.
 """
 
 from __future__ import annotations
@@ -31,16 +33,19 @@ KEY = "medptq.ort.output_quantizers"  # metadata_props: JSON {convolution output
 
 @dataclass(frozen=True)
 class OutputQuantizer:
-    """A symmetric int8 per-tensor ``scale`` for one convolution output, after an optional per-channel
-    equalization ``alpha * (y - shift)`` (InstanceNorm readers only)."""
+    """An int8 per-tensor ``scale`` and ``zero_point`` for one convolution output, after an optional
+    per-channel equalization ``alpha * (y - shift)`` (InstanceNorm readers only)."""
 
     scale: float
     alpha: tuple[float, ...] | None = None
     shift: tuple[float, ...] | None = None
+    zero_point: int = 0
 
     def to_json(self) -> dict[str, object]:
         """The metadata form."""
         out: dict[str, object] = {"scale": self.scale}
+        if self.zero_point:
+            out["zero_point"] = self.zero_point
         if self.alpha is not None:
             out.update(alpha=list(self.alpha), shift=list(self.shift or ()))
         return out
@@ -53,14 +58,18 @@ def _positive(value: object) -> bool:
 def _parsed(name: str, entry: object) -> OutputQuantizer:
     if not isinstance(entry, Mapping) or not _positive(entry.get("scale")):
         raise ValueError(f"metadata {KEY}: {name!r} needs a positive finite 'scale', got {entry!r:.200}")
+    zero_point = entry.get("zero_point", 0)
+    if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not -128 <= zero_point <= 127:
+        raise ValueError(f"metadata {KEY}: {name!r} needs an integer 'zero_point' in [-128, 127], got {zero_point!r}")
     alpha, shift = entry.get("alpha"), entry.get("shift")
     if alpha is None and shift is None:
-        return OutputQuantizer(float(entry["scale"]))
+        return OutputQuantizer(float(entry["scale"]), zero_point=zero_point)
     if not (isinstance(alpha, list) and isinstance(shift, list) and len(alpha) == len(shift) and alpha
             and all(_positive(a) for a in alpha)
             and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in shift)):
         raise ValueError(f"metadata {KEY}: {name!r} needs 'alpha' (positive) and 'shift' lists of one length")
-    return OutputQuantizer(float(entry["scale"]), tuple(float(a) for a in alpha), tuple(float(s) for s in shift))
+    return OutputQuantizer(float(entry["scale"]), tuple(float(a) for a in alpha), tuple(float(s) for s in shift),
+                           zero_point)
 
 
 def read_output_quantizers(model: onnx.ModelProto) -> dict[str, OutputQuantizer]:
@@ -153,7 +162,7 @@ def _equalize(conv: onnx.NodeProto, q: OutputQuantizer, model: onnx.ModelProto,
 
 def add_output_quantizers(model: onnx.ModelProto, quantizers: Mapping[str, OutputQuantizer],
                           min_channels: int = MIN_CHANNELS) -> list[str]:
-    """Put ``Q(s8, scale, 0) → DQ`` after each ``output_quantizer_convs`` convolution whose output is in
+    """Put ``Q(s8, scale, zero_point) → DQ`` after each ``output_quantizer_convs`` convolution whose output is in
     ``quantizers`` (equalized first where it says so; a convolution whose equalization does not apply is left
     as it is). Every reader then reads the dequantized tensor. Returns the outputs that got one."""
     graph = model.graph
@@ -167,7 +176,7 @@ def add_output_quantizers(model: onnx.ModelProto, quantizers: Mapping[str, Outpu
             continue
         scale, zero = f"{out}/ort_output_scale", f"{out}/ort_output_zero_point"
         graph.initializer.extend([numpy_helper.from_array(np.array(q.scale, np.float32), scale),
-                                  numpy_helper.from_array(np.array(0, np.int8), zero)])
+                                  numpy_helper.from_array(np.array(q.zero_point, np.int8), zero)])
         for reader in readers[out]:
             reader.input[:] = [f"{out}/ort_dq" if name == out else name for name in reader.input]
         at = list(graph.node).index(conv) + 1
