@@ -6,13 +6,13 @@ runs a convolution in integer only as QLinearConv, which needs a quantized outpu
 Q/DQ, so ONNX Runtime INT8 was no faster than its FP32 (``reports/ort_int8.md``).
 
 Here each such convolution (``engines/ort_output_quantizers.output_quantizer_convs``) gets an int8 per-tensor
-output quantizer covering every value its FP32 output took on the calibration patches (``OutputStats`` streams
-per-channel statistics beside the calibration): asymmetric (a zero point) in general; one read only by an
-InstanceNorm is equalized first (each channel centred on its range and scaled to the widest half-range, which
-InstanceNorm undoes), then quantized symmetrically. Each quantizer
-adds rounding the file does not have, so they are chosen under a budget: the SQNR (vs FP32) of the model with
-them may fall at most ``budget_db`` below that of the file as written, on the first ``SELECTION_SAMPLES``
-calibration samples. All of them when that holds; else they are ordered by their rounding noise relative to
+output quantizer from its FP32 output on the calibration patches (``OutputStats`` streams per-channel
+statistics beside the calibration): asymmetric (a zero point), covering every value seen, in general; one read
+only by an InstanceNorm is equalized first (each channel centred and scaled to one spread, which InstanceNorm
+undoes), then quantized symmetrically, clipped where a kept subsample says that lowers the error
+(``_ChannelStats.quantizer``). Each quantizer adds rounding the file does not have, so they are chosen under a
+budget: the SQNR (vs FP32) of the model with them may fall at most ``budget_db`` below that of the file as
+written, on the first ``SELECTION_SAMPLES`` calibration samples. All of them when that holds; else they are ordered by their rounding noise relative to
 their signal (from the statistics, per channel where an InstanceNorm reads them) per multiply-accumulate of
 the convolution (the most speed for the dB first), the longest prefix within the budget is found by
 bisection, the one after it (which does not fit) is skipped and the search goes on with the rest, up to
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,8 @@ from onnx import helper
 
 from ..engines.ort_fused import MIN_CHANNELS
 from ..engines.ort_output_quantizers import (
-    KEY, OutputQuantizer, add_output_quantizers, instance_norm_epsilon, metadata_value, output_quantizer_convs,
+    KEY, OutputQuantizer, add_output_quantizers, float16_values, instance_norm_epsilon, metadata_value,
+    output_quantizer_convs,
 )
 from ..errors import CalibrationError
 from ..metrics import sqnr_db
@@ -48,6 +50,8 @@ SELECTION_SAMPLES = 2
 MAX_SELECTION_RUNS = 12  # model runs of the choice (each on SELECTION_SAMPLES samples), the first two included
 SUMMARY_KEY = "medptq.ort.output_quantizers_choice"
 EPS_MARGIN = 100.0  # equalize a channel when its variance dwarfs the InstanceNorm epsilon (< 0.5% change)
+KEEP_SAMPLES, KEEP_PER_SAMPLE = 16, 2048  # the values kept per tensor and channel for the clip (4 MB at 32 channels)
+CLIP_LOWEST, CLIP_STEPS = 0.2, 33  # clips tried: 0.2-1.0 of the range, in steps of 2.5%
 
 
 def check_budget(budget_db: object) -> float:
@@ -83,13 +87,26 @@ class OutputChoice:
         return {KEY: metadata_value(self.quantizers), SUMMARY_KEY: json.dumps(self.summary())}
 
 
-class _ChannelStats:
-    """Per-channel count, sum, sum of squares, min and max of one tensor over the samples (float64)."""
+def _clip_by_error(z: np.ndarray, amax: float, weight: np.ndarray) -> tuple[float, float]:
+    """The symmetric int8 clip of ``z`` (channels x values, at most ``amax``) with the least rounding + clipping
+    error, each channel's mean squared error times its ``weight``; returns (clip, that error)."""
+    best = (amax, math.inf)
+    for clip in amax * np.linspace(CLIP_LOWEST, 1.0, CLIP_STEPS):
+        scale = clip / 127.0
+        error = np.mean(np.square(np.clip(np.round(z / scale), -127, 127) * scale - z), axis=1)
+        best = min(best, (float(clip), float(np.mean(error * weight))), key=lambda b: b[1])
+    return best
 
-    def __init__(self, channels: int) -> None:
+
+class _ChannelStats:
+    """Per-channel count, sum, sum of squares, min and max of one tensor over the samples (float64), and a
+    seeded subsample of its values (``KEEP_PER_SAMPLE`` voxels of each of the first ``KEEP_SAMPLES`` samples)."""
+
+    def __init__(self, channels: int, seed: int = 0) -> None:
         self.count, self.samples = 0, 0
         self.total, self.squares = np.zeros(channels), np.zeros(channels)
         self.low, self.high = np.full(channels, np.inf), np.full(channels, -np.inf)
+        self.rng, self.kept = np.random.default_rng(seed), []
 
     def add(self, y: np.ndarray) -> None:
         """Add a batch ``[N, C, ...]``: each sample read in place, sums accumulated in float64 (no float64 copy)."""
@@ -101,23 +118,39 @@ class _ChannelStats:
             self.squares += np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
             self.low = np.minimum(self.low, flat.min(axis=1))
             self.high = np.maximum(self.high, flat.max(axis=1))
+            if len(self.kept) < KEEP_SAMPLES:
+                self.kept.append(flat[:, self.rng.integers(0, flat.shape[1], KEEP_PER_SAMPLE)])
 
     def quantizer(self, epsilon: float | None) -> OutputQuantizer | None:
-        """The int8 quantizer covering every value seen; None for an all-zero tensor. With ``epsilon`` (an
-        InstanceNorm reader's) the tensor is equalized first: every channel is centred on its range (InstanceNorm
-        removes any shift) and those whose variance exceeds ``EPS_MARGIN`` times the epsilon are scaled to the
-        widest half-range (below that the epsilon matters to InstanceNorm, and they keep their own), then one
-        symmetric scale covers them. Without it one asymmetric range (with 0 in it) spans the 256 levels."""
+        """The int8 quantizer of this tensor; None for an all-zero one. In general one asymmetric range covering
+        every value seen (and 0) spans the 256 levels. With ``epsilon`` (an InstanceNorm reader's) the tensor is
+        equalized first (InstanceNorm removes any shift and scale per channel): each channel is centred, on its
+        mean or its range, and those whose variance exceeds ``EPS_MARGIN`` times the epsilon are scaled to the
+        widest spread, standard deviation or half-range (below that the epsilon matters to InstanceNorm, and they
+        keep their own); then one symmetric scale quantizes them, clipped where that lowers the error on the kept
+        values (``_clip_by_error``; a few clipped extremes barely move InstanceNorm's statistics). Of the two
+        equalizations the one with the least error after InstanceNorm is taken."""
         mean = self.total / self.count
         var = np.maximum(self.squares / self.count - np.square(mean), 0.0)
-        if epsilon is not None and np.any(var > EPS_MARGIN * epsilon):
-            half = (self.high - self.low) / 2.0
-            wide = var > EPS_MARGIN * epsilon
-            alpha = np.where(wide, half[wide].max() / np.maximum(half, 1e-30), 1.0)
-            amax = float(np.max(alpha * half))
-            if 0 < amax < math.inf:
-                return OutputQuantizer(amax / 127.0, tuple(float(a) for a in alpha),
-                                       tuple(float(m) for m in (self.high + self.low) / 2.0))
+        wide = var > EPS_MARGIN * epsilon if epsilon is not None else np.zeros(len(var), bool)
+        if np.any(wide) and self.kept:
+            kept, best = np.concatenate(self.kept, axis=1).astype(np.float64), None
+            for shift, spread in ((mean, np.sqrt(var)), ((self.high + self.low) / 2.0, (self.high - self.low) / 2.0)):
+                alpha = float16_values(np.where(wide, spread[wide].max() / np.maximum(spread, 1e-30), 1.0))
+                shift = float16_values(shift)  # what the metadata holds (alpha: a float16 0 or inf is refused)
+                if not np.all((alpha > 0) & np.isfinite(alpha)):
+                    continue
+                amax = float(np.max(alpha * np.maximum(self.high - shift, shift - self.low)))
+                if not 0 < amax < math.inf:
+                    continue
+                # InstanceNorm divides each channel by its spread: weigh its error by 1 / its variance
+                clip, error = _clip_by_error(alpha[:, None] * (kept - shift[:, None]), amax,
+                                             1.0 / (np.square(alpha) * var + epsilon))
+                if best is None or error < best[0]:
+                    best = (error, OutputQuantizer(clip / 127.0, tuple(float(a) for a in alpha),
+                                                   tuple(float(m) for m in shift)))
+            if best is not None:
+                return best[1]
         low, high = min(float(self.low.min()), 0.0), max(float(self.high.max()), 0.0)
         if not 0 < high - low < math.inf:
             return None
@@ -187,7 +220,7 @@ class OutputStats:
                 self.samples.append(sample[None].copy())
                 self.reference.append(values[0])
             for name, y in zip(self.names, values[1:]):
-                self.stats.setdefault(name, _ChannelStats(y.shape[1])).add(y)
+                self.stats.setdefault(name, _ChannelStats(y.shape[1], zlib.crc32(name.encode()))).add(y)
 
     def observe(self, patches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Pass ``patches`` on, adding each to the statistics first."""

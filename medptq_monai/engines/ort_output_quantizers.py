@@ -17,6 +17,7 @@ it: the weight scales are multiplied by ``alpha`` and the bias becomes ``alpha *
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Mapping
@@ -34,7 +35,8 @@ KEY = "medptq.ort.output_quantizers"  # metadata_props: JSON {convolution output
 @dataclass(frozen=True)
 class OutputQuantizer:
     """An int8 per-tensor ``scale`` and ``zero_point`` for one convolution output, after an optional
-    per-channel equalization ``alpha * (y - shift)`` (InstanceNorm readers only)."""
+    per-channel equalization ``alpha * (y - shift)`` (InstanceNorm readers only; float16 values, stored
+    compactly: a few hundred channels must not cost the INT8 file its size, ``float16_values``)."""
 
     scale: float
     alpha: tuple[float, ...] | None = None
@@ -47,8 +49,28 @@ class OutputQuantizer:
         if self.zero_point:
             out["zero_point"] = self.zero_point
         if self.alpha is not None:
-            out.update(alpha=list(self.alpha), shift=list(self.shift or ()))
+            out.update(alpha=_base64_float16(self.alpha), shift=_base64_float16(self.shift or ()))
         return out
+
+
+def float16_values(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to float16 (within its finite range), as float64: what the metadata can hold exactly."""
+    limit = float(np.finfo(np.float16).max)
+    return np.clip(np.asarray(values, np.float64), -limit, limit).astype(np.float16).astype(np.float64)
+
+
+def _base64_float16(values: tuple[float, ...]) -> str:
+    return base64.b64encode(np.asarray(values, "<f2").tobytes()).decode("ascii")
+
+
+def _from_base64_float16(text: object) -> np.ndarray | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return np.frombuffer(raw, "<f2").astype(np.float64) if raw and len(raw) % 2 == 0 else None
 
 
 def _positive(value: object) -> bool:
@@ -64,10 +86,11 @@ def _parsed(name: str, entry: object) -> OutputQuantizer:
     alpha, shift = entry.get("alpha"), entry.get("shift")
     if alpha is None and shift is None:
         return OutputQuantizer(float(entry["scale"]), zero_point=zero_point)
-    if not (isinstance(alpha, list) and isinstance(shift, list) and len(alpha) == len(shift) and alpha
-            and all(_positive(a) for a in alpha)
-            and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in shift)):
-        raise ValueError(f"metadata {KEY}: {name!r} needs 'alpha' (positive) and 'shift' lists of one length")
+    alpha, shift = _from_base64_float16(alpha), _from_base64_float16(shift)
+    if alpha is None or shift is None or len(alpha) != len(shift) or not np.all(alpha > 0) \
+            or not np.all(np.isfinite(alpha)) or not np.all(np.isfinite(shift)):
+        raise ValueError(f"metadata {KEY}: {name!r} needs 'alpha' (positive) and 'shift': base64 little-endian "
+                         "float16 arrays of one length")
     return OutputQuantizer(float(entry["scale"]), tuple(float(a) for a in alpha), tuple(float(s) for s in shift),
                            zero_point)
 
