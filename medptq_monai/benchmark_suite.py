@@ -256,8 +256,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# medptq-monai benchmark: all bundles at full size", "",
         f"Per patch: one real CT patch at each bundle's roi (batch 1), {s['warmup']} warm-up + {s['repeats']} timed "
-        f"call(s){_more_calls(s)}, median. INT8 calibration: {s['calib_patches'] or 'bundle default'} patches of another patient's "
-        "CT, in a subprocess whose peak RSS is reported. SQNR: INT8 logits (OpenVINO) vs torch FP32 on the same "
+        f"call(s){_more_calls(s)}, median. INT8 calibration: {s['calib_patches'] or 'bundle default'} patches of "
+        "another patient's CT, in a subprocess whose peak RSS is reported. SQNR: INT8 logits (OpenVINO) vs torch FP32 on the same "
         "patch. Weights: random (seed 0) where no full-size weights ship.", "",
         f"| bundle | params (M) | roi | ONNX FP32 MB | ONNX INT8 MB | size ratio | {head} | INT8 ISA (OV / ORT) "
         "| OV INT8 vs torch | OV INT8 vs OV FP32 | ORT INT8 vs ORT FP32 | SQNR dB OV / ORT | calib peak GiB "
@@ -372,8 +372,8 @@ def run_suite(
 
     ``data_dir`` holds ``images/`` + ``labels/`` (the patch is cut around the labelled organs) and
     ``calibration/`` (another patient, used for calibration). ``quick`` sets repeats=1 (more while an
-    engine's calls total under 3 s), warmup=1 and 2 calibration patches. Work files go to ``<out_dir>/work/<bundle>``; the report to
-    ``<out_dir>/benchmark.{json,md,png}``. A bundle that fails gets an ``error`` row; the rest still run.
+    engine's calls total under 3 s), warmup=1 and 2 calibration patches. Work files go to
+    ``<out_dir>/work/<bundle>``; the report to ``<out_dir>/benchmark.{json,md,png}``. A bundle that fails gets an ``error`` row; the rest still run.
     ``nncf``: add NNCF's INT8 of each bundle (row ``nncf``; "not installed" without the ``peer`` extra).
     """
     bundles = find_bundles(bundles_dir, only)

@@ -11,8 +11,8 @@ one-sided range).
 
 A convolution read only by an InstanceNormalization may also be equalized: InstanceNorm gives the same
 result for ``alpha_c * (y_c - shift_c)`` as for ``y_c`` (``alpha_c > 0``; its epsilon aside), so each output
-channel is centred on its range and scaled to the same half-range before the one per-tensor scale quantizes
-it: the weight scales are multiplied by ``alpha`` and the bias becomes ``alpha * (bias - shift)``.
+channel is centred and scaled to one spread before the one per-tensor scale quantizes it: the weight
+scales are multiplied by ``alpha`` and the bias becomes ``alpha * (bias - shift)``.
 """
 
 from __future__ import annotations
