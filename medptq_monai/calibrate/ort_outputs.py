@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from ..engines.ort_fused import MIN_CHANNELS
+from ..engines.ort_fused import MIN_CHANNELS, _graph_maps
 from ..engines.ort_output_quantizers import (
     KEY, OutputQuantizer, add_output_quantizers, float16_values, instance_norm_epsilon, metadata_value,
     output_quantizer_convs,
@@ -231,11 +231,11 @@ class OutputStats:
             yield patch
 
 
-def _macs(conv: onnx.NodeProto, model: onnx.ModelProto, stats: _ChannelStats) -> float:
+def _macs(conv: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], inits: Mapping[str, onnx.TensorProto],
+          stats: _ChannelStats) -> float:
     """Multiply-accumulates of ``conv`` per sample: output voxels x output channels x weight elements per
     output channel (from its weight's shape and the statistics' voxel count)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    weight = next(i for i in model.graph.initializer if i.name == producer[conv.input[1]].input[0])
+    weight = inits[producer[conv.input[1]].input[0]]
     voxels = stats.count / max(stats.samples, 1)
     return float(voxels * weight.dims[0] * np.prod(weight.dims[1:]))
 
@@ -249,7 +249,8 @@ def choose_output_quantizers(int8: onnx.ModelProto, observed: OutputStats, budge
         return OutputChoice(budget_db=budget_db, samples=len(samples),
                             reason="budget 0" if budget_db == 0 else "no calibration sample kept")
     convs = [c for c in output_quantizer_convs(int8) if c.output[0] in observed.stats]
-    epsilon = {c.output[0]: instance_norm_epsilon(c, int8) for c in convs}
+    producer, readers = _graph_maps(int8.graph)
+    epsilon = {c.output[0]: instance_norm_epsilon(c, int8, readers) for c in convs}
     measured = {n: observed.stats[n].quantizer(e) for n, e in epsilon.items()}
     measured = {k: q for k, q in measured.items() if q is not None}
     trial = onnx.ModelProto()
@@ -279,7 +280,9 @@ def choose_output_quantizers(int8: onnx.ModelProto, observed: OutputStats, budge
     best = names
     if drop(names) > budget_db:  # least rounding noise per multiply-accumulate first: the most speed per dB
         noise = {n: observed.stats[n].relative_noise(measured[n], epsilon[n] is not None) for n in names}
-        work = {c.output[0]: _macs(c, int8, observed.stats[c.output[0]]) for c in convs if c.output[0] in noise}
+        inits = {i.name: i for i in int8.graph.initializer}
+        work = {c.output[0]: _macs(c, producer, inits, observed.stats[c.output[0]]) for c in convs
+                if c.output[0] in noise}
         best = _longest_fitting(sorted(names, key=lambda n: (noise[n] / work[n], n)), budget_db, drop)
     return OutputChoice({n: measured[n] for n in best}, len(names), budget_db, len(samples), pooled[()],
                         pooled[tuple(best)], "" if best else "no output quantizer fitted the budget "

@@ -113,6 +113,19 @@ def _input_channels(conv: onnx.NodeProto, weight: np.ndarray) -> int:
     return int(weight.shape[1]) * int(group)
 
 
+def quantized_conv_inputs(conv: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
+                          inits: dict[str, onnx.TensorProto], min_channels: int) -> bool:
+    """What QLinearConv needs on ``conv``'s inputs: a per-tensor activation DequantizeLinear fed by a
+    QuantizeLinear, a symmetric int8 weight DequantizeLinear, and at least ``min_channels`` input channels."""
+    xdq = producer.get(conv.input[0])
+    wdq = producer.get(conv.input[1]) if len(conv.input) > 1 else None
+    if not (_is_activation_dq(xdq, inits) and _is_weight_dq(wdq, inits)):
+        return False
+    xq = producer.get(xdq.input[0])
+    return xq is not None and xq.op_type == "QuantizeLinear" and \
+        _input_channels(conv, numpy_helper.to_array(inits[wdq.input[0]])) >= min_channels
+
+
 def fuse_relu_quantize(model: onnx.ModelProto, min_channels: int = MIN_CHANNELS) -> int:
     """``DQ(x), DQ(w) → Conv → Relu → Q(s8, s, 0)`` becomes ``Conv → Q(u8, s, 0)`` (module docstring) for
     convolutions with at least ``min_channels`` input channels; returns how many."""
@@ -122,13 +135,7 @@ def fuse_relu_quantize(model: onnx.ModelProto, min_channels: int = MIN_CHANNELS)
     outputs = {o.name for o in graph.output}
     fused: list[onnx.NodeProto] = []
     for conv in [n for n in graph.node if n.op_type == "Conv"]:
-        xdq, wdq = producer.get(conv.input[0]), producer.get(conv.input[1])
-        if not (_is_activation_dq(xdq, inits) and _is_weight_dq(wdq, inits)):
-            continue
-        xq = producer.get(xdq.input[0])
-        if xq is None or xq.op_type != "QuantizeLinear":
-            continue
-        if _input_channels(conv, numpy_helper.to_array(inits[wdq.input[0]])) < min_channels:
+        if not quantized_conv_inputs(conv, producer, inits, min_channels):
             continue
         relus = readers.get(conv.output[0], [])
         if len(relus) != 1 or relus[0].op_type != "Relu" or conv.output[0] in outputs:

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .ort_fused import MIN_CHANNELS, _graph_maps, _input_channels, _is_activation_dq, _is_weight_dq
+from .ort_fused import MIN_CHANNELS, _graph_maps, quantized_conv_inputs
 
 KEY = "medptq.ort.output_quantizers"  # metadata_props: JSON {convolution output tensor: OutputQuantizer}
 
@@ -125,13 +125,8 @@ def output_quantizer_convs(model: onnx.ModelProto, min_channels: int = MIN_CHANN
     outputs = {o.name for o in model.graph.output}
     found = []
     for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
-        xdq, wdq = producer.get(conv.input[0]), producer.get(conv.input[1])
-        if not (_is_activation_dq(xdq, inits) and _is_weight_dq(wdq, inits)):
-            continue
-        xq = producer.get(xdq.input[0])
-        if xq is None or xq.op_type != "QuantizeLinear" or inits[xdq.input[1]].data_type != onnx.TensorProto.FLOAT:
-            continue
-        if _input_channels(conv, numpy_helper.to_array(inits[wdq.input[0]])) < min_channels:
+        if not quantized_conv_inputs(conv, producer, inits, min_channels) or \
+                inits[producer[conv.input[0]].input[1]].data_type != onnx.TensorProto.FLOAT:
             continue
         users = readers.get(conv.output[0], [])
         if conv.output[0] in outputs or not users or (len(users) == 1 and users[0].op_type == "QuantizeLinear"):
@@ -143,24 +138,27 @@ def output_quantizer_convs(model: onnx.ModelProto, min_channels: int = MIN_CHANN
     return found
 
 
-def instance_norm_epsilon(conv: onnx.NodeProto, model: onnx.ModelProto) -> float | None:
+def instance_norm_epsilon(conv: onnx.NodeProto, model: onnx.ModelProto,
+                          readers: Mapping[str, list[onnx.NodeProto]] | None = None) -> float | None:
     """The epsilon of the InstanceNormalization that alone reads ``conv``'s output (None: equalization does not
-    apply)."""
-    users = [n for n in model.graph.node if conv.output[0] in n.input]
+    apply); ``readers``: the graph's tensor → reading nodes map, when the caller has it."""
+    users = readers.get(conv.output[0], []) if readers is not None else \
+        [n for n in model.graph.node if conv.output[0] in n.input]
     if len(users) != 1 or users[0].op_type != "InstanceNormalization" or users[0].input[0] != conv.output[0]:
         return None
     return next((float(helper.get_attribute_value(a)) for a in users[0].attribute if a.name == "epsilon"), 1e-5)
 
 
 def _equalize(conv: onnx.NodeProto, q: OutputQuantizer, model: onnx.ModelProto,
-              producer: Mapping[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]) -> bool:
+              producer: Mapping[str, onnx.NodeProto], readers: Mapping[str, list[onnx.NodeProto]],
+              inits: dict[str, onnx.TensorProto]) -> bool:
     """Scale ``conv``'s weight scales by ``q.alpha`` and set its bias to ``alpha * (bias - shift)`` (new
     initializers); False, changing nothing, when the structure does not allow it."""
     wdq = producer[conv.input[1]]
     weight_scale = numpy_helper.to_array(inits[wdq.input[1]]).astype(np.float32)
     channels = len(q.alpha or ())
-    readers = [n for n in model.graph.node if wdq.output[0] in n.input]
-    if instance_norm_epsilon(conv, model) is None or weight_scale.shape != (channels,) or readers != [conv]:
+    if instance_norm_epsilon(conv, model, readers) is None or weight_scale.shape != (channels,) \
+            or readers.get(wdq.output[0]) != [conv]:
         return False
     bias_name = conv.input[2] if len(conv.input) > 2 else ""
     while bias_name and bias_name not in inits and producer.get(bias_name) is not None \
@@ -195,7 +193,7 @@ def add_output_quantizers(model: onnx.ModelProto, quantizers: Mapping[str, Outpu
     for conv in output_quantizer_convs(model, min_channels):
         out = conv.output[0]
         q = quantizers.get(out)
-        if q is None or (q.alpha is not None and not _equalize(conv, q, model, producer, inits)):
+        if q is None or (q.alpha is not None and not _equalize(conv, q, model, producer, readers, inits)):
             continue
         scale, zero = f"{out}/ort_output_scale", f"{out}/ort_output_zero_point"
         graph.initializer.extend([numpy_helper.from_array(np.array(q.scale, np.float32), scale),
