@@ -12,6 +12,7 @@ need trained weights. Writes ``benchmark.json``, ``benchmark.md`` and ``benchmar
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from .benchmark import CPU_ROWS, RowSpec, _fmt, _plain, cut_patch, run_calibrati
 from .bundle.paths import paired_datalist
 from .bundle.quantize_bundle import calibration_patches
 from .bundle.runner import bundle_parser
+from .calibrate.ort_outputs import SUMMARY_KEY as ORT_CHOICE_KEY
 from .engines import create_engine
 from .engines.tensorrt_engine import tensorrt_available
 from .export.onnx_model import load_onnx, metadata
@@ -174,7 +176,10 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
         "patch_seconds": {}, "patch_times_s": {}, "sqnr_db_by_engine": {}, "errors": {}, "int8_isa": {},
         "dice_vs_fp32": {},
     }
-    calib_roi = metadata(load_onnx(int8, load_weights=False)).get("medptq.calibration_roi")
+    int8_meta = metadata(load_onnx(int8, load_weights=False))
+    calib_roi = int8_meta.get("medptq.calibration_roi")
+    choice = int8_meta.get(ORT_CHOICE_KEY)  # what medptq quantize chose for ONNX Runtime (calibrate/ort_outputs.py)
+    row["ort_output_quantizers"] = json.loads(choice) if choice else None
     row["calib_roi_size"] = [int(d) for d in calib_roi.split("x")] if calib_roi else roi
     row["size_ratio"] = row["onnx_fp32_bytes"] / row["onnx_int8_bytes"]
     row.update(_static_checks(int8))
@@ -248,6 +253,19 @@ def _more_calls(settings: dict[str, Any]) -> str:
     return f", more (up to 9) while an engine's timed calls total under {seconds:g} s" if seconds else ""
 
 
+def _ort_choices(rows: Sequence[dict[str, Any]]) -> str:
+    """One line: the ONNX Runtime output quantizers each INT8 file records (chosen / candidates, or why none)."""
+    cells = []
+    for r in rows:
+        c = r.get("ort_output_quantizers")
+        if c:
+            cells.append(f"{r['bundle']} {c['chosen']}/{c['candidates']}" if c.get("candidates")
+                         else f"{r['bundle']} none ({c.get('reason', '')})")
+    budgets = sorted({r["ort_output_quantizers"]["budget_db"] for r in rows if r.get("ort_output_quantizers")})
+    return ("ONNX Runtime output quantizers recorded in each INT8 file (chosen / candidates at a budget of "
+            f"{', '.join(f'{b:g}' for b in budgets)} dB; `calibrate/ort_outputs.py`): {'; '.join(cells) or 'none'}.")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """One table row per bundle: params, sizes, per-patch ms per engine, SQNR, calibration memory."""
     keys = [row_key(s) for s in CPU_ROWS]
@@ -257,8 +275,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# medptq-monai benchmark: all bundles at full size", "",
         f"Per patch: one real CT patch at each bundle's roi (batch 1), {s['warmup']} warm-up + {s['repeats']} timed "
         f"call(s){_more_calls(s)}, median. INT8 calibration: {s['calib_patches'] or 'bundle default'} patches of "
-        "another patient's CT, in a subprocess whose peak RSS is reported. SQNR: INT8 logits (OpenVINO) vs torch FP32 on the same "
-        "patch. Weights: random (seed 0) where no full-size weights ship.", "",
+        "another patient's CT, in a subprocess whose peak RSS is reported. SQNR: INT8 logits (OpenVINO) vs torch "
+        "FP32 on the same patch. Weights: random (seed 0) where no full-size weights ship.", "",
         f"| bundle | params (M) | roi | ONNX FP32 MB | ONNX INT8 MB | size ratio | {head} | INT8 ISA (OV / ORT) "
         "| OV INT8 vs torch | OV INT8 vs OV FP32 | ORT INT8 vs ORT FP32 | SQNR dB OV / ORT | calib peak GiB "
         "| checker / TensorRT check |",
@@ -286,6 +304,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{'ok' if not r['tensorrt_check_issues'] else str(len(r['tensorrt_check_issues'])) + ' issue(s)'} |"
         )
         notes += [f"- {r['bundle']} {k}: {v}" for k, v in r["errors"].items()]
+    lines += ["", _ort_choices(report["rows"])]
     lines += nncf_table(report)
     trt = report["tensorrt"]
     lines += [

@@ -221,6 +221,7 @@ def test_suite_rows(suite: dict) -> None:
     # quick: more timed calls while an engine's total is under QUICK["min_seconds"], at most 9
     assert all(1 <= len(t) <= 9 and (len(t) == 9 or sum(t) >= 3.0) for t in row["patch_times_s"].values())
     assert suite["settings"]["min_seconds"] == 3.0
+    assert row["ort_output_quantizers"]["budget_db"] == 0.25  # the choice the INT8 file records, in the row
     assert row["onnx_fp32_bytes"] / row["onnx_int8_bytes"] > 3.5
     assert row["calib_peak_bytes"] > 50 * 2**20
     by_engine = row["sqnr_db_by_engine"]
@@ -240,6 +241,7 @@ def test_suite_reports_match(suite: dict) -> None:
     line = next(x for x in md.splitlines() if x.startswith("| a_unet "))
     assert f"{row['patch_seconds']['openvino_int8'] * 1e3:.0f}" in line and f"{row['sqnr_db']:.1f}" in line
     assert "| b_broken (failed)" in md and "TensorRT" in md
+    assert "ONNX Runtime output quantizers recorded in each INT8 file" in md and "a_unet " in md
 
 
 def test_suite_bad_inputs(tmp_path: Path) -> None:
