@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 SCHEMA = "medptq-benchmark-suite-v1"
 MIB = 1 << 20
-# quick: 1 timed call, more while a row has timed under 3 s (a 0.3 s call alone swung ORT INT8/FP32 by 20%)
+# quick: 1 timed call, more while a row has timed under 3 s (one 0.4 s call gave the U-Net's ORT INT8/FP32 0.83x
+# where quiet interleaved rounds gave 1.04x)
 QUICK = {"repeats": 1, "warmup": 1, "calib_patches": 2, "min_seconds": 3.0}
 NNCF_KEY = "nncf_openvino_int8"
 
