@@ -393,7 +393,8 @@ def run_suite(
     ``data_dir`` holds ``images/`` + ``labels/`` (the patch is cut around the labelled organs) and
     ``calibration/`` (another patient, used for calibration). ``quick`` sets repeats=1 (more while an
     engine's calls total under 3 s), warmup=1 and 2 calibration patches. Work files go to
-    ``<out_dir>/work/<bundle>``; the report to ``<out_dir>/benchmark.{json,md,png}``. A bundle that fails gets an ``error`` row; the rest still run.
+    ``<out_dir>/work/<bundle>``; the report to ``<out_dir>/benchmark.{json,md,png}``. A bundle that fails
+    gets an ``error`` row; the rest still run.
     ``nncf``: add NNCF's INT8 of each bundle (row ``nncf``; "not installed" without the ``peer`` extra).
     """
     bundles = find_bundles(bundles_dir, only)
