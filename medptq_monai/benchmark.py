@@ -137,8 +137,11 @@ class _EngineModule(torch.nn.Module):
         return self.engine(x).to(x.device)
 
 
+MAX_REPEATS = 9  # time_calls: the most timed calls that ``min_seconds`` adds up to
+
+
 def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: str = "cpu", min_seconds: float = 0.0,
-               max_repeats: int = 9) -> tuple[list[float], Any]:
+               max_repeats: int = MAX_REPEATS) -> tuple[list[float], Any]:
     """``warmup`` untimed then ``repeats`` timed calls of ``fn`` (perf_counter, CUDA synchronised), more (up to
     ``max_repeats``) while the timed calls total less than ``min_seconds``; returns the times in seconds and the
     last result."""

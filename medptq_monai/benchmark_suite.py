@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .benchmark import CPU_ROWS, RowSpec, _fmt, _plain, cut_patch, run_calibration, time_calls, write_reports
+from .benchmark import (
+    CPU_ROWS, MAX_REPEATS, RowSpec, _fmt, _plain, cut_patch, run_calibration, time_calls, write_reports,
+)
 from .bundle.paths import paired_datalist
 from .bundle.quantize_bundle import calibration_patches
 from .bundle.runner import bundle_parser
@@ -251,7 +253,7 @@ def _isa_cell(row: dict[str, Any]) -> str:
 
 def _more_calls(settings: dict[str, Any]) -> str:
     seconds = settings.get("min_seconds") or 0
-    return f", more (up to 9) while an engine's timed calls total under {seconds:g} s" if seconds else ""
+    return f", more (up to {MAX_REPEATS}) while an engine's timed calls total under {seconds:g} s" if seconds else ""
 
 
 def _ort_choices(rows: Sequence[dict[str, Any]]) -> str:

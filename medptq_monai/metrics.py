@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -33,5 +35,16 @@ def mean_dice(per_class: dict[int, float]) -> float | None:
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - test)^2))``."""
     ref = np.asarray(reference, np.float64)
-    noise = float(np.sum((ref - np.asarray(test, np.float64)) ** 2))
-    return float("inf") if noise == 0 else float(10.0 * np.log10(float(np.sum(ref**2)) / noise))
+    return sqnr_db_from_sums(float(np.sum(ref**2)), float(np.sum((ref - np.asarray(test, np.float64)) ** 2)))
+
+
+def sqnr_db_from_sums(signal: float, noise: float) -> float:
+    """``sqnr_db`` from its two sums (``sum(ref^2)``, ``sum((ref - test)^2)``): SQNR pooled over several arrays."""
+    return math.inf if noise == 0 else -math.inf if signal == 0 else 10.0 * math.log10(signal / noise)
+
+
+def sum_of_squares(x: np.ndarray) -> float:
+    """``sum(x^2)`` accumulated in float64 without a float64 copy of ``x`` (a 128³ logit tensor is hundreds of
+    MB)."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    return float(np.einsum("i,i->", flat, flat, dtype=np.float64))

@@ -4,6 +4,7 @@ small real CT with a shrunken copy of the bundle, plus the Dice helpers and inpu
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 
 from medptq_monai.benchmark import parse_engines, run_benchmark, time_calls
 from medptq_monai.benchmark_suite import find_bundles, run_suite
-from medptq_monai.metrics import dice_per_class, mean_dice
+from medptq_monai.metrics import dice_per_class, mean_dice, sqnr_db, sqnr_db_from_sums, sum_of_squares
 from medptq_monai.bundle.runner import bundle_parser
 from medptq_monai.engines.tensorrt_engine import tensorrt_available
 from medptq_monai.errors import InputImageError, MedPTQError, ModelFileError, UnknownNameError
@@ -176,6 +177,17 @@ def test_time_calls_adds_calls_up_to_min_seconds() -> None:
     assert len(times) == 3  # capped
     times, _ = time_calls(fn, warmup=0, repeats=4)
     assert len(times) == 4  # no minimum: exactly the repeats
+
+
+def test_sqnr_db_pooled_from_sums_equals_sqnr_db_of_the_arrays_joined() -> None:
+    rng = np.random.default_rng(0)
+    refs = [rng.standard_normal((2, 3, 8, 8, 8)).astype(np.float32) for _ in range(2)]
+    tests = [r + 0.01 * rng.standard_normal(r.shape).astype(np.float32) for r in refs]
+    assert sum_of_squares(refs[0]) == pytest.approx(float(np.sum(refs[0].astype(np.float64) ** 2)), rel=1e-12)
+    pooled = sqnr_db_from_sums(sum(map(sum_of_squares, refs)), sum(sum_of_squares(r - t) for r, t in zip(refs, tests)))
+    joined = sqnr_db(np.concatenate([r.ravel() for r in refs]), np.concatenate([t.ravel() for t in tests]))
+    assert pooled == pytest.approx(joined, abs=1e-6) and 35 < pooled < 45
+    assert sqnr_db(refs[0], refs[0]) == math.inf and sqnr_db_from_sums(0.0, 1.0) == -math.inf
 
 
 def test_dice_per_class() -> None:

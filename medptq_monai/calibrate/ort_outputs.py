@@ -44,6 +44,7 @@ from ..engines.ort_output_quantizers import (
     output_quantizer_convs,
 )
 from ..errors import CalibrationError
+from ..metrics import sqnr_db_from_sums, sum_of_squares
 
 # 0.25 dB on the calibration samples leaves a margin under the issue's 0.5 dB (vs OpenVINO) on unseen data
 DEFAULT_BUDGET_DB = 0.25
@@ -122,6 +123,11 @@ class _ChannelStats:
             if len(self.kept) < KEEP_SAMPLES:
                 self.kept.append(flat[:, self.rng.integers(0, flat.shape[1], KEEP_PER_SAMPLE)])
 
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and variance over every value seen."""
+        mean = self.total / self.count
+        return mean, np.maximum(self.squares / self.count - np.square(mean), 0.0)
+
     def quantizer(self, epsilon: float | None) -> OutputQuantizer | None:
         """The int8 quantizer of this tensor; None for an all-zero one. In general one asymmetric range covering
         every value seen (and 0) spans the 256 levels. With ``epsilon`` (an InstanceNorm reader's) the tensor is
@@ -131,8 +137,7 @@ class _ChannelStats:
         keep their own); then one symmetric scale quantizes them, clipped where that lowers the error on the kept
         values (``_clip_by_error``; a few clipped extremes barely move InstanceNorm's statistics). Of the two
         equalizations the one with the least error after InstanceNorm is taken."""
-        mean = self.total / self.count
-        var = np.maximum(self.squares / self.count - np.square(mean), 0.0)
+        mean, var = self.moments()
         wide = var > EPS_MARGIN * epsilon if epsilon is not None else np.zeros(len(var), bool)
         if np.any(wide) and self.kept:
             kept, best = np.concatenate(self.kept, axis=1).astype(np.float64), None
@@ -162,13 +167,12 @@ class _ChannelStats:
         """Rounding noise power of ``q`` over signal power (uniform rounding, ``scale² / 12``): per channel and
         averaged when an InstanceNorm reads the tensor (``normalized``: it rescales every channel), else over
         the whole tensor."""
-        mean = self.total / self.count
-        power = self.squares / self.count
+        mean, var = self.moments()
         alpha = np.asarray(q.alpha) if q.alpha is not None else np.ones_like(mean)
         noise = q.scale ** 2 / 12.0 / np.square(alpha)
         if normalized:
-            return float(np.mean(noise / np.maximum(power - np.square(mean), 1e-30)))
-        return float(np.mean(noise) / max(float(np.mean(power)), 1e-30))
+            return float(np.mean(noise / np.maximum(var, 1e-30)))
+        return float(np.mean(noise) / max(float(np.mean(self.squares / self.count)), 1e-30))
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -230,17 +234,6 @@ class OutputStats:
             yield patch
 
 
-def _sum_of_squares(x: np.ndarray) -> float:
-    """Σ x², accumulated in float64 without a float64 copy (a 128³ logit tensor is hundreds of MB)."""
-    flat = x.reshape(-1)
-    return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
-
-
-def _db(signal: float, noise: float) -> float:
-    """``metrics.sqnr_db`` from its two sums."""
-    return math.inf if noise == 0 else -math.inf if signal == 0 else 10.0 * math.log10(signal / noise)
-
-
 def _macs(conv: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], inits: Mapping[str, onnx.TensorProto],
           stats: _ChannelStats) -> float:
     """Multiply-accumulates of ``conv`` per sample: output voxels x output channels x weight elements per
@@ -270,7 +263,7 @@ def choose_output_quantizers(int8: onnx.ModelProto, observed: OutputStats, budge
     if not measured:
         return OutputChoice(budget_db=budget_db, samples=len(samples),
                             reason="no convolution read in float with enough input channels")
-    signal = np.array([_sum_of_squares(r) for r in observed.reference])
+    signal = np.array([sum_of_squares(r) for r in observed.reference])
     pooled: dict[tuple[str, ...], float] = {}  # SQNR over all kept samples (as sqnr_db of them concatenated)
     per_sample: dict[tuple[str, ...], np.ndarray] = {}
 
@@ -279,10 +272,10 @@ def choose_output_quantizers(int8: onnx.ModelProto, observed: OutputStats, budge
         model = onnx.ModelProto()
         model.CopyFrom(int8)
         add_output_quantizers(model, {n: measured[n] for n in names})
-        noise = np.array([_sum_of_squares(r - o) for r, o in zip(observed.reference, _outputs(model, samples))])
+        noise = np.array([sum_of_squares(r - o) for r, o in zip(observed.reference, _outputs(model, samples))])
         key = tuple(names)
-        pooled[key] = _db(float(signal.sum()), float(noise.sum()))
-        per_sample[key] = np.array([_db(s, n) for s, n in zip(signal, noise)])
+        pooled[key] = sqnr_db_from_sums(float(signal.sum()), float(noise.sum()))
+        per_sample[key] = np.array([sqnr_db_from_sums(s, n) for s, n in zip(signal, noise)])
         return float(np.max(per_sample[()] - per_sample[key])) if key else 0.0
 
     names = sorted(measured)
