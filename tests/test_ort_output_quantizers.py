@@ -108,6 +108,23 @@ def test_the_choice_meets_its_budget_when_measured_again_from_the_written_file(f
     assert path.read_bytes() == _int8(fp32, "int8_again.onnx", ort_output_budget_db=budget).read_bytes()
 
 
+def test_a_calibration_roi_model_gets_the_choice_measured_at_that_roi(fp32: Path) -> None:
+    """Calibrated at a smaller roi (``calibration_model``, as VISTA3D does for memory), the full-size file records
+    exactly the choice that quantizing the smaller export itself from the same patches records."""
+    full = fp32.with_name("fp32_24.onnx")
+    export_fp32(_Net().eval(), full, 1, (24, 24, 24))
+    options = QuantizeOptions(calibrator="max", ort_output_budget_db=100.0)
+    out = quantize_onnx(full, full.with_name("int8_24.onnx"), ct_patches(6, roi=ROI), options,
+                        calibration_model=fp32).path
+    own = quantize_onnx(fp32, fp32.with_name("int8_16.onnx"), ct_patches(6, roi=ROI), options).path
+    chosen_full, chosen_own = (read_output_quantizers(onnx.load(str(p))) for p in (out, own))
+    assert len(chosen_full) == 2 and chosen_full == chosen_own
+    summary = json.loads(metadata(onnx.load(str(out)))[SUMMARY_KEY])
+    assert summary["chosen"] == 2 and summary["samples"] == SELECTION_SAMPLES, summary
+    copy = onnx.load(str(out))
+    assert sorted(add_output_quantizers(copy, chosen_full)) == sorted(chosen_full), "they apply at 24^3"
+
+
 def test_onnx_runtime_fuses_the_added_quantizers_into_qlinearconv(fp32: Path, tmp_path: Path) -> None:
     """Without them ORT runs every convolution in float; with both quantizers both run as QLinearConv, and the
     fused graph computes what the Q/DQ graph computes."""

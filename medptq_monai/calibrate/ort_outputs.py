@@ -21,7 +21,8 @@ is skipped and the search goes on with the rest, up to ``MAX_SELECTION_RUNS`` ru
 model runs with ONNX Runtime's QDQ fusions off: the
 quantizers' arithmetic, not a CPU's kernels. The choice goes into the file's metadata
 (``ort_output_quantizers.KEY``, with a summary under ``SUMMARY_KEY``); TensorRT and OpenVINO read the graph
-as before.
+as before. A network calibrated at a smaller roi than it runs at (``quantize_onnx``'s ``calibration_model``,
+VISTA3D) gets its statistics and its choice there, on that export's INT8 copy: the tensor names are the same.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from onnx import helper
 
 from ..engines.ort_fused import MIN_CHANNELS, _graph_maps
 from ..engines.ort_output_quantizers import (
-    KEY, OutputQuantizer, add_output_quantizers, float16_values, instance_norm_epsilon, metadata_value,
-    output_quantizer_convs,
+    KEY, OutputQuantizer, add_output_quantizers, applicable_output_quantizers, float16_values, instance_norm_epsilon,
+    metadata_value, output_quantizer_convs,
 )
 from ..errors import CalibrationError
 from ..metrics import sqnr_db_from_sums, sum_of_squares
@@ -175,9 +176,12 @@ class _ChannelStats:
         return float(np.mean(noise) / max(float(np.mean(self.squares / self.count)), 1e-30))
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, arena: bool = True) -> ort.InferenceSession:
+    """A CPU session without QDQ fusion; ``arena`` False returns its activations' memory after each run (the
+    statistics' extra outputs must not stay reserved while the calibration runs beside them)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # no QDQ fusion
+    options.enable_cpu_mem_arena = arena
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
@@ -211,7 +215,7 @@ class OutputStats:
         probe = onnx.load(str(pre_path))
         self.output = probe.graph.output[0].name
         probe.graph.output.extend([onnx.ValueInfoProto(name=n) for n in names])
-        self.session = _session(probe)
+        self.session = _session(probe, arena=False)
         self.feed, self.names = self.session.get_inputs()[0].name, list(names)
         self.stats: dict[str, _ChannelStats] = {}
         self.samples: list[np.ndarray] = []
@@ -243,9 +247,12 @@ def _macs(conv: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], inits: M
     return float(voxels * weight.dims[0] * np.prod(weight.dims[1:]))
 
 
-def choose_output_quantizers(int8: onnx.ModelProto, observed: OutputStats, budget_db: float) -> OutputChoice:
+def choose_output_quantizers(int8: onnx.ModelProto, observed: OutputStats, budget_db: float,
+                             target: onnx.ModelProto | None = None) -> OutputChoice:
     """The output quantizers of ``int8`` whose SQNR cost on ``observed``'s kept samples stays within
-    ``budget_db`` (module docstring)."""
+    ``budget_db`` (module docstring). ``target``: the model the choice is for when ``int8`` is its copy at the
+    calibration roi (same graph, another input shape: the choice is measured on ``int8`` and keeps only
+    quantizers that apply to both)."""
     budget_db = check_budget(budget_db)
     samples = observed.samples
     if budget_db == 0 or not samples:
@@ -256,10 +263,10 @@ def choose_output_quantizers(int8: onnx.ModelProto, observed: OutputStats, budge
     epsilon = {c.output[0]: instance_norm_epsilon(c, int8, readers) for c in convs}
     measured = {n: observed.stats[n].quantizer(e) for n, e in epsilon.items()}
     measured = {k: q for k, q in measured.items() if q is not None}
-    trial = onnx.ModelProto()
-    trial.CopyFrom(int8)
-    measured = {n: measured[n] for n in add_output_quantizers(trial, measured)}  # only those that apply
-    del trial
+    applies = set(applicable_output_quantizers(int8, measured))
+    if target is not None:
+        applies &= set(applicable_output_quantizers(target, measured))
+    measured = {n: q for n, q in measured.items() if n in applies}
     if not measured:
         return OutputChoice(budget_db=budget_db, samples=len(samples),
                             reason="no convolution read in float with enough input channels")

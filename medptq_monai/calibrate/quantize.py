@@ -270,12 +270,10 @@ def write_qdq(
     return model
 
 
-def _no_ort_outputs(options: QuantizeOptions, calibration_roi: bool) -> str:
+def _no_ort_outputs(options: QuantizeOptions) -> str:
     """Why ``quantize_onnx`` chooses no ONNX Runtime output quantizer without measuring ("" when it measures)."""
     if options.ort_output_budget_db == 0:
         return "budget 0"
-    if calibration_roi:
-        return "calibrated at a smaller roi than the model's"
     if options.high_precision != "fp32":
         return f"high_precision {options.high_precision}"
     return ""
@@ -294,7 +292,8 @@ def quantize_onnx(
     """Calibrate ``fp32_path`` on ``patches`` and write the INT8 QDQ model to ``out_path`` atomically.
 
     ``calibration_model`` is the same network exported at the (smaller) patch size of ``patches``: its
-    activation ranges are computed there and applied to ``fp32_path``'s tensors of the same names.
+    activation ranges are computed there and applied to ``fp32_path``'s tensors of the same names; so are the
+    ONNX Runtime output quantizers, chosen on its own INT8 copy.
     ``accuracy``: return the most harmful layers to float until its Dice budget holds on its validation
     patches (``accuracy_control.choose_float_nodes``); nothing is written when it cannot be met.
     The result passes ``onnx.checker`` and the static TensorRT check before it is written;
@@ -312,11 +311,9 @@ def quantize_onnx(
         pre = work / "preprocessed.onnx"
         pre_model = preprocess(fp32_path, pre)
         chosen, excluded, tensors = select_nodes(pre_model, options)
-        # ONNX Runtime output quantizers need samples at the model's own shape and an FP32 remainder
-        no_ort_outputs = _no_ort_outputs(options, calibration_model is not None)
+        no_ort_outputs = _no_ort_outputs(options)  # ONNX Runtime output quantizers need an FP32 remainder
         followed = [] if no_ort_outputs else output_tensors(pre_model, chosen)
         del pre_model
-        observed = OutputStats(pre, followed) if followed else None
         calib_pre, calib_spec = pre, spec
         if calibration_model is not None:
             calib_pre, calib_spec = work / "calibration.onnx", io_spec(load_onnx(calibration_model, load_weights=False))
@@ -324,6 +321,7 @@ def quantize_onnx(
                 raise CalibrationError(f"calibration model {calibration_model} has input {calib_spec.input_name} "
                                        f"{calib_spec.input_shape}; {fp32_path} has {spec.input_name} {spec.input_shape}")
             preprocess(calibration_model, calib_pre)
+        observed = OutputStats(calib_pre, followed) if followed else None  # same tensor names at either roi
         stream = _checked(patches, calib_spec.input_shape)
         ranges, count = collect_ranges(
             calib_pre, spec.input_name, stream if observed is None else observed.observe(stream), options.calibrator,
@@ -340,11 +338,19 @@ def quantize_onnx(
             floated = set(decision.float_nodes)
             chosen = [n for n in chosen if n not in floated]
             excluded = [*excluded, *decision.float_nodes]
-        int8 = write_qdq(pre, ranges, options, chosen, excluded, work)
-        int8, variants = apply_tensorrt_variants(int8, options, load_onnx(pre) if options.rewrite_deconv else None)
-        ort_choice = (choose_output_quantizers(int8, observed, options.ort_output_budget_db) if observed is not None
-                      else OutputChoice(budget_db=options.ort_output_budget_db, reason=no_ort_outputs or
-                                        "no quantized convolution with enough input channels"))
+
+        def qdq(source: Path) -> tuple[onnx.ModelProto, dict[str, object]]:
+            model = write_qdq(source, ranges, options, chosen, excluded, work)
+            return apply_tensorrt_variants(model, options, load_onnx(source) if options.rewrite_deconv else None)
+
+        int8, variants = qdq(pre)
+        if observed is None:
+            ort_choice = OutputChoice(budget_db=options.ort_output_budget_db,
+                                      reason=no_ort_outputs or "no quantized convolution with enough input channels")
+        elif calibration_model is None:
+            ort_choice = choose_output_quantizers(int8, observed, options.ort_output_budget_db)
+        else:  # measured where the samples fit: the same INT8 graph at the calibration roi
+            ort_choice = choose_output_quantizers(qdq(calib_pre)[0], observed, options.ort_output_budget_db, int8)
         del observed
         meta = {
             "medptq.version": __version__,

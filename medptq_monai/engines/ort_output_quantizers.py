@@ -149,32 +149,63 @@ def instance_norm_epsilon(conv: onnx.NodeProto, model: onnx.ModelProto,
     return next((float(helper.get_attribute_value(a)) for a in users[0].attribute if a.name == "epsilon"), 1e-5)
 
 
-def _equalize(conv: onnx.NodeProto, q: OutputQuantizer, model: onnx.ModelProto,
-              producer: Mapping[str, onnx.NodeProto], readers: Mapping[str, list[onnx.NodeProto]],
-              inits: dict[str, onnx.TensorProto]) -> bool:
-    """Scale ``conv``'s weight scales by ``q.alpha`` and set its bias to ``alpha * (bias - shift)`` (new
-    initializers); False, changing nothing, when the structure does not allow it."""
+def _equalization_target(conv: onnx.NodeProto, q: OutputQuantizer, model: onnx.ModelProto,
+                         producer: Mapping[str, onnx.NodeProto], readers: Mapping[str, list[onnx.NodeProto]],
+                         inits: Mapping[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``conv``'s per-channel weight scales and bias (zeros when it has none) that ``q``'s equalization would
+    change; None when the structure does not allow it (no lone InstanceNorm reader, another channel count, a
+    shared weight DequantizeLinear, a bias that is not a constant)."""
     wdq = producer[conv.input[1]]
     weight_scale = numpy_helper.to_array(inits[wdq.input[1]]).astype(np.float32)
     channels = len(q.alpha or ())
     if instance_norm_epsilon(conv, model, readers) is None or weight_scale.shape != (channels,) \
             or readers.get(wdq.output[0]) != [conv]:
-        return False
-    bias_name = conv.input[2] if len(conv.input) > 2 else ""
-    while bias_name and bias_name not in inits and producer.get(bias_name) is not None \
-            and producer[bias_name].op_type == "Identity":  # an exporter's shared copy of an equal tensor
-        bias_name = producer[bias_name].input[0]
+        return None
+    bias_name = _bias_name(conv, producer)
     if bias_name and bias_name not in inits:
-        return False
+        return None
     bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32) if bias_name else np.zeros(channels, np.float32)
-    if bias.shape != (channels,):
+    return (weight_scale, bias) if bias.shape == (channels,) else None
+
+
+def _bias_name(conv: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto]) -> str:
+    """``conv``'s bias input ("" for none), followed through Identity nodes (an exporter's shared copy of an
+    equal tensor)."""
+    name = conv.input[2] if len(conv.input) > 2 else ""
+    while name and producer.get(name) is not None and producer[name].op_type == "Identity":
+        name = producer[name].input[0]
+    return name
+
+
+def applicable_output_quantizers(model: onnx.ModelProto, quantizers: Mapping[str, OutputQuantizer],
+                                 min_channels: int = MIN_CHANNELS) -> list[str]:
+    """The outputs of ``quantizers`` that ``add_output_quantizers`` would quantize in ``model`` (read only)."""
+    producer, readers = _graph_maps(model.graph)
+    inits = {i.name: i for i in model.graph.initializer}
+    found = []
+    for conv in output_quantizer_convs(model, min_channels):
+        q = quantizers.get(conv.output[0])
+        if q is not None and (q.alpha is None or
+                              _equalization_target(conv, q, model, producer, readers, inits) is not None):
+            found.append(conv.output[0])
+    return found
+
+
+def _equalize(conv: onnx.NodeProto, q: OutputQuantizer, model: onnx.ModelProto,
+              producer: Mapping[str, onnx.NodeProto], readers: Mapping[str, list[onnx.NodeProto]],
+              inits: dict[str, onnx.TensorProto]) -> bool:
+    """Scale ``conv``'s weight scales by ``q.alpha`` and set its bias to ``alpha * (bias - shift)`` (new
+    initializers); False, changing nothing, when the structure does not allow it."""
+    target = _equalization_target(conv, q, model, producer, readers, inits)
+    if target is None:
         return False
+    weight_scale, bias = target
     alpha, shift = np.asarray(q.alpha, np.float32), np.asarray(q.shift, np.float32)
     out = conv.output[0]
     model.graph.initializer.extend([
         numpy_helper.from_array((weight_scale * alpha).astype(np.float32), f"{out}/ort_weight_scale"),
         numpy_helper.from_array((alpha * (bias - shift)).astype(np.float32), f"{out}/ort_bias")])
-    wdq.input[1] = f"{out}/ort_weight_scale"
+    producer[conv.input[1]].input[1] = f"{out}/ort_weight_scale"
     while len(conv.input) < 3:
         conv.input.append("")
     conv.input[2] = f"{out}/ort_bias"
