@@ -140,23 +140,41 @@ class _EngineModule(torch.nn.Module):
 MAX_REPEATS = 9  # time_calls: the most timed calls that ``min_seconds`` adds up to
 
 
+def time_interleaved(fns: Sequence[Callable[[], Any]], warmup: int, repeats: int, device: str = "cpu",
+                     min_seconds: float = 0.0, max_repeats: int = MAX_REPEATS) -> list[tuple[list[float], Any]]:
+    """Time ``fns`` in rounds: ``warmup`` untimed calls of each, then rounds of one timed call of each (perf_counter,
+    CUDA synchronised; every other round in reverse order, so neither is always first) until each has ``repeats``
+    calls and, up to ``max_repeats``, its calls total at least ``min_seconds``. Interleaved, a load that comes and
+    goes on the machine falls on all of them alike: their ratio is what the rounds share. Returns each one's times
+    in seconds and its last result."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: list[list[float]] = [[] for _ in fns]
+    outs: list[Any] = [None] * len(fns)
+    cap = max(max_repeats, repeats)
+
+    def wanted(t: list[float]) -> bool:
+        return len(t) < repeats or (sum(t) < min_seconds and len(t) < cap)
+
+    while any(wanted(t) for t in times):
+        order = range(len(fns)) if len(times[0]) % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            start = time.perf_counter()
+            outs[i] = fns[i]()
+            sync()
+            times[i].append(time.perf_counter() - start)
+    return list(zip(times, outs))
+
+
 def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: str = "cpu", min_seconds: float = 0.0,
                max_repeats: int = MAX_REPEATS) -> tuple[list[float], Any]:
     """``warmup`` untimed then ``repeats`` timed calls of ``fn`` (perf_counter, CUDA synchronised), more (up to
     ``max_repeats``) while the timed calls total less than ``min_seconds``; returns the times in seconds and the
     last result."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    out = None
-    for _ in range(warmup):
-        fn()
-    sync()
-    times: list[float] = []
-    while len(times) < repeats or (sum(times) < min_seconds and len(times) < max(max_repeats, repeats)):
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times, out
+    return time_interleaved([fn], warmup, repeats, device, min_seconds, max_repeats)[0]
 
 
 # ---- calibration ------------------------------------------------------------------------------------

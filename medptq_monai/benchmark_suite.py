@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 from .benchmark import (
-    CPU_ROWS, MAX_REPEATS, RowSpec, _fmt, _plain, cut_patch, run_calibration, time_calls, write_reports,
+    CPU_ROWS, MAX_REPEATS, RowSpec, _fmt, _plain, cut_patch, run_calibration, time_calls, time_interleaved,
+    write_reports,
 )
 from .bundle.paths import paired_datalist
 from .bundle.quantize_bundle import calibration_patches
@@ -43,9 +45,9 @@ logger = logging.getLogger(__name__)
 
 SCHEMA = "medptq-benchmark-suite-v1"
 MIB = 1 << 20
-# quick: 1 timed call, more while a row has timed under 3 s (one 0.4 s call gave the U-Net's ORT INT8/FP32 0.83x
-# where quiet interleaved rounds gave 1.04x)
-QUICK = {"repeats": 1, "warmup": 1, "calib_patches": 2, "min_seconds": 3.0}
+# quick: 3 timed calls, more while a row has timed under 3 s (one 0.4 s call gave the U-Net's ORT INT8/FP32 0.83x
+# where quiet interleaved rounds gave 1.04x; one 21 s call of VISTA3D's ORT varies by 10%)
+QUICK = {"repeats": 3, "warmup": 1, "calib_patches": 2, "min_seconds": 3.0}
 NNCF_KEY = "nncf_openvino_int8"
 
 
@@ -153,7 +155,8 @@ def bench_nncf(bundle: Path, calib_dir: Path, models: Path, patch: torch.Tensor,
 def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int,
                  calib_patches: int | None, nncf: bool = True, min_seconds: float = 0.0) -> dict[str, Any]:
     """Measure one bundle at its full-size default (see the module docstring); returns its row. Each engine
-    gets ``repeats`` timed calls, more while they total under ``min_seconds`` (``time_calls``)."""
+    gets ``repeats`` timed calls, more while they total under ``min_seconds``; one runtime's FP32 and INT8 are
+    timed in alternating rounds (``time_interleaved``), so their ratio does not depend on when each ran."""
     work.mkdir(parents=True, exist_ok=True)
     parser = bundle_parser(bundle, ["inference.json"])
     meta = parser.get_parsed_content("_meta_")
@@ -187,38 +190,45 @@ def bench_bundle(bundle: Path, data: Path, work: Path, repeats: int, warmup: int
     row["size_ratio"] = row["onnx_fp32_bytes"] / row["onnx_int8_bytes"]
     row.update(_static_checks(int8))
     reference = None
-    for spec in CPU_ROWS:
-        key = row_key(spec)
-        logger.info("bench %s: %s", bundle.name, spec.label)
-        try:
-            with torch.no_grad():
-                engine = create_engine(
+    for _, group in groupby(CPU_ROWS, key=lambda spec: spec.engine):  # one runtime's precisions timed interleaved
+        specs, engines = [], []
+        for spec in group:
+            logger.info("bench %s: %s", bundle.name, spec.label)
+            try:
+                engines.append(create_engine(
                     spec.engine, int8 if spec.precision == "int8" else fp32, spec.precision, "cpu",
                     torch_network=parser.get_parsed_content("network_def", lazy=False)
                     if spec.engine == "torch" else None,
                     checkpoint=checkpoint, in_channels=in_channels, num_classes=num_classes,
-                )
-                times, out = time_calls(lambda e=engine: e(patch), warmup, repeats, min_seconds=min_seconds)
-                logits = _plain(out).float().cpu().numpy()
-                info = engine.describe()
-                if spec.precision == "int8" and "isa" in info:  # the INT8 path it really took
-                    row["int8_isa"][spec.engine] = {k: info.get(k) for k in ("isa", "int8_model")}
-        except Exception as err:  # one failing engine must not lose the other measurements
-            logger.exception("bench %s: %s failed", bundle.name, spec.label)
-            row["errors"][key] = f"{type(err).__name__}: {err}"
-            continue
-        finally:
-            engine = out = None
-            gc.collect()
-        row["patch_seconds"][key] = float(np.median(times))
-        row["patch_times_s"][key] = times
-        if spec.engine == "torch":
-            reference = logits
-        elif reference is not None:
-            row["sqnr_db_by_engine"][key] = sqnr_db(reference, logits)
-            if key == "openvino_int8":
-                row["dice_vs_fp32"][key] = dice_vs_fp32(reference, logits, num_classes)
-        logits = None
+                ))
+                specs.append(spec)
+            except Exception as err:  # one failing engine must not lose the other measurements
+                logger.exception("bench %s: %s failed", bundle.name, spec.label)
+                row["errors"][row_key(spec)] = f"{type(err).__name__}: {err}"
+        try:
+            with torch.no_grad():
+                timed = time_interleaved([lambda e=e: e(patch) for e in engines], warmup, repeats,
+                                         min_seconds=min_seconds)
+        except Exception as err:
+            logger.exception("bench %s: %s failed", bundle.name, ", ".join(s.label for s in specs))
+            row["errors"].update({row_key(s): f"{type(err).__name__}: {err}" for s in specs})
+            specs, timed = [], []
+        for spec, engine, (times, out) in zip(specs, engines, timed):
+            key = row_key(spec)
+            info = engine.describe()
+            if spec.precision == "int8" and "isa" in info:  # the INT8 path it really took
+                row["int8_isa"][spec.engine] = {k: info.get(k) for k in ("isa", "int8_model")}
+            logits = _plain(out).float().cpu().numpy()
+            row["patch_seconds"][key] = float(np.median(times))
+            row["patch_times_s"][key] = times
+            if spec.engine == "torch":
+                reference = logits
+            elif reference is not None:
+                row["sqnr_db_by_engine"][key] = sqnr_db(reference, logits)
+                if key == "openvino_int8":
+                    row["dice_vs_fp32"][key] = dice_vs_fp32(reference, logits, num_classes)
+        engines = timed = out = logits = None
+        gc.collect()
     row["nncf"] = {"status": "off"}
     if nncf:
         logger.info("bench %s: NNCF INT8 (OpenVINO)", bundle.name)
@@ -256,6 +266,10 @@ def _more_calls(settings: dict[str, Any]) -> str:
     return f", more (up to {MAX_REPEATS}) while an engine's timed calls total under {seconds:g} s" if seconds else ""
 
 
+def _interleaved(settings: dict[str, Any]) -> str:
+    return "; a runtime's FP32 and INT8 calls alternate (rounds)" if settings.get("timing") == "interleaved" else ""
+
+
 def _ort_choices(rows: Sequence[dict[str, Any]]) -> str:
     """One line: the ONNX Runtime output quantizers each INT8 file records (chosen / candidates, or why none)."""
     cells = []
@@ -277,7 +291,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# medptq-monai benchmark: all bundles at full size", "",
         f"Per patch: one real CT patch at each bundle's roi (batch 1), {s['warmup']} warm-up + {s['repeats']} timed "
-        f"call(s){_more_calls(s)}, median. INT8 calibration: {s['calib_patches'] or 'bundle default'} patches of "
+        f"call(s){_more_calls(s)}, median{_interleaved(s)}. INT8 calibration: {s['calib_patches'] or 'bundle default'} patches of "
         "another patient's CT, in a subprocess whose peak RSS is reported. SQNR: INT8 logits (OpenVINO) vs torch "
         "FP32 on the same patch. Weights: random (seed 0) where no full-size weights ship.", "",
         f"| bundle | params (M) | roi | ONNX FP32 MB | ONNX INT8 MB | size ratio | {head} | INT8 ISA (OV / ORT) "
@@ -393,7 +407,7 @@ def run_suite(
     """Benchmark every bundle under ``bundles_dir`` (or ``only``, comma-separated names) at full size.
 
     ``data_dir`` holds ``images/`` + ``labels/`` (the patch is cut around the labelled organs) and
-    ``calibration/`` (another patient, used for calibration). ``quick`` sets repeats=1 (more while an
+    ``calibration/`` (another patient, used for calibration). ``quick`` sets repeats=3 (more while an
     engine's calls total under 3 s), warmup=1 and 2 calibration patches. Work files go to
     ``<out_dir>/work/<bundle>``; the report to ``<out_dir>/benchmark.{json,md,png}``. A bundle that fails
     gets an ``error`` row; the rest still run.
@@ -433,7 +447,7 @@ def run_suite(
     report = {
         "schema": SCHEMA,
         "settings": {"bundles_dir": str(Path(bundles_dir).resolve()), "data_dir": str(data), "quick": bool(quick),
-                     "repeats": repeats, "min_seconds": min_seconds, "warmup": warmup, "calib_patches": calib_patches,
+                     "repeats": repeats, "min_seconds": min_seconds, "timing": "interleaved", "warmup": warmup, "calib_patches": calib_patches,
                      "threads": threads,
                      "engines": [row_key(s) for s in CPU_ROWS],
                      "nncf": (nncf_version() or "not installed") if nncf else "off"},

@@ -128,7 +128,7 @@ class Commands:
               calib_patches: int = 8, threads: int | None = None, nncf: bool = True) -> None:
         """All bundles at full size in one run: sizes, calibration peak memory, per-patch latency of torch FP32,
         ONNX Runtime and OpenVINO FP32/INT8, SQNR; reports/benchmark.{json,md,png}. ONLY: comma-separated
-        bundle names. QUICK: 1 timed call (more, up to 9, while they total under 3 s), 2 calibration patches.
+        bundle names. QUICK: 3 timed calls (more, up to 9, while they total under 3 s), 2 calibration patches.
         NNCF: NNCF's INT8 on the same patches beside medptq's (needs the peer extra)."""
         from .benchmark_suite import run_suite
 

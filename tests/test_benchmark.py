@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from medptq_monai.benchmark import parse_engines, run_benchmark, time_calls
+from medptq_monai.benchmark import parse_engines, run_benchmark, time_calls, time_interleaved
 from medptq_monai.benchmark_suite import find_bundles, run_suite
 from medptq_monai.metrics import dice_per_class, mean_dice, sqnr_db, sqnr_db_from_sums, sum_of_squares
 from medptq_monai.bundle.runner import bundle_parser
+from medptq_monai.calibrate.ort_outputs import DEFAULT_BUDGET_DB
 from medptq_monai.engines.tensorrt_engine import tensorrt_available
 from medptq_monai.errors import InputImageError, MedPTQError, ModelFileError, UnknownNameError
 
@@ -179,6 +180,29 @@ def test_time_calls_adds_calls_up_to_min_seconds() -> None:
     assert len(times) == 4  # no minimum: exactly the repeats
 
 
+def test_time_interleaved_alternates_and_each_gets_its_calls() -> None:
+    """Calls alternate a, b then b, a (neither always first); the fast one keeps the rounds going until its own
+    calls total min_seconds, so both get the same number of calls, capped."""
+    order: list[str] = []
+
+    def fn(name: str, seconds: float):
+        def call() -> str:
+            order.append(name)
+            time.sleep(seconds)
+            return name
+        return call
+
+    (slow, last_slow), (fast, last_fast) = time_interleaved([fn("a", 0.02), fn("b", 0.002)], warmup=1, repeats=2,
+                                                            min_seconds=0.01, max_repeats=8)
+    assert order[:2] == ["a", "b"] and order[2:6] == ["a", "b", "b", "a"]
+    assert len(slow) == len(fast) >= 2 and (last_slow, last_fast) == ("a", "b")
+    assert sum(fast) >= 0.01 and (len(fast) == 2 or sum(fast[:-1]) < 0.01)  # the round that reached it was the last
+    assert min(slow) > max(fast)
+    order.clear()
+    timed = time_interleaved([fn("a", 0.0), fn("b", 0.0)], warmup=0, repeats=1, min_seconds=10.0, max_repeats=3)
+    assert [len(t) for t, _ in timed] == [3, 3] and order == ["a", "b", "b", "a", "a", "b"]
+
+
 def test_sqnr_db_pooled_from_sums_equals_sqnr_db_of_the_arrays_joined() -> None:
     rng = np.random.default_rng(0)
     refs = [rng.standard_normal((2, 3, 8, 8, 8)).astype(np.float32) for _ in range(2)]
@@ -232,8 +256,10 @@ def test_suite_rows(suite: dict) -> None:
     assert all(v > 0 for v in row["patch_seconds"].values())
     # quick: more timed calls while an engine's total is under QUICK["min_seconds"], at most 9
     assert all(1 <= len(t) <= 9 and (len(t) == 9 or sum(t) >= 3.0) for t in row["patch_times_s"].values())
-    assert suite["settings"]["min_seconds"] == 3.0
-    assert row["ort_output_quantizers"]["budget_db"] == 0.25  # the choice the INT8 file records, in the row
+    assert suite["settings"]["min_seconds"] == 3.0 and suite["settings"]["timing"] == "interleaved"
+    for engine in ("onnxruntime", "openvino"):  # one runtime's precisions alternate: one call each per round
+        assert len(row["patch_times_s"][f"{engine}_fp32"]) == len(row["patch_times_s"][f"{engine}_int8"])
+    assert row["ort_output_quantizers"]["budget_db"] == DEFAULT_BUDGET_DB  # the INT8 file's choice, in the row
     assert row["onnx_fp32_bytes"] / row["onnx_int8_bytes"] > 3.5
     assert row["calib_peak_bytes"] > 50 * 2**20
     by_engine = row["sqnr_db_by_engine"]
