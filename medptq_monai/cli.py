@@ -39,7 +39,7 @@ class Commands:
         <= X, at most MAX_FLOAT_FRACTION of the layers; the validation set comes like the calibration data with
         --val_ overrides (--val_dataset_dir D2, --val_datalist [...], --val_data_list_file_path F), disjoint;
         the candidates run on ACCURACY_ENGINE (auto: OpenVINO when installed, else onnxruntime).
-        ORT_OUTPUT_BUDGET_DB (default: metadata quantization.ort_output_budget_db, else 0.25; 0: off): the SQNR
+        ORT_OUTPUT_BUDGET_DB (default: metadata quantization.ort_output_budget_db, else 0.2; 0: off): the SQNR
         that output quantizers recorded for ONNX Runtime may cost, so that it runs those convolutions in INT8.
         """
         from .bundle.quantize_bundle import quantize_bundle

@@ -47,8 +47,9 @@ from ..engines.ort_output_quantizers import (
 from ..errors import CalibrationError
 from ..metrics import sqnr_db_from_sums, sum_of_squares
 
-# 0.25 dB on the calibration samples leaves a margin under the 0.5 dB (vs OpenVINO) on unseen data
-DEFAULT_BUDGET_DB = 0.25
+# a margin under the 0.5 dB (vs OpenVINO) on unseen data: a choice costs about twice as much there as on
+# the samples it was made on (quick bench, UNesT: 0.25 dB per sample cost 0.51 on the bench patch; at 0.2, 0.12)
+DEFAULT_BUDGET_DB = 0.2
 SELECTION_SAMPLES = 2
 MAX_SELECTION_RUNS = 12  # model runs of the choice (each on SELECTION_SAMPLES samples), the first two included
 SUMMARY_KEY = "medptq.ort.output_quantizers_choice"
