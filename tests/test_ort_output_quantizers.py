@@ -225,6 +225,25 @@ def test_the_search_skips_a_quantizer_that_does_not_fit_and_goes_on() -> None:
     assert len(runs) == MAX_SELECTION_RUNS - 2 and "n00" not in taken and 0 < len(taken) <= 25  # capped, in budget
 
 
+def test_when_not_all_fit_each_is_measured_alone_on_one_sample_first(fp32: Path, monkeypatch) -> None:
+    """Runs of the choice: the file and all quantizers on both kept samples, then one single-sample run per
+    candidate (its cost orders the search), then the search on both samples; none fits a budget of 1e-6 dB."""
+    from medptq_monai.calibrate import ort_outputs
+
+    counts: list[int] = []
+    real = ort_outputs._outputs
+
+    def counted(model, samples):
+        counts.append(len(samples))
+        return real(model, samples)
+
+    monkeypatch.setattr(ort_outputs, "_outputs", counted)
+    model = onnx.load(str(_int8(fp32, "int8_tiny.onnx", ort_output_budget_db=1e-6)))
+    summary = json.loads(metadata(model)[SUMMARY_KEY])
+    assert summary["candidates"] == 2 and summary["chosen"] == 0 and read_output_quantizers(model) == {}
+    assert counts[:4] == [SELECTION_SAMPLES, SELECTION_SAMPLES, 1, 1] and set(counts[4:]) == {SELECTION_SAMPLES}
+
+
 @pytest.mark.parametrize("budget", [-0.1, float("nan"), float("inf"), "0.3", True])
 def test_a_bad_budget_is_refused_before_anything_is_written(fp32: Path, budget) -> None:
     out = fp32.with_name("never.onnx")

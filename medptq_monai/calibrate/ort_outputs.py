@@ -13,11 +13,12 @@ undoes), then quantized symmetrically, clipped where a kept subsample says that 
 (``_ChannelStats.quantizer``). Each quantizer adds rounding the file does not have, so they are chosen under a
 budget: the SQNR (vs FP32) of the model with them may fall at most ``budget_db`` below that of the file as
 written, on each of the first ``SELECTION_SAMPLES`` calibration samples (each, not pooled: pooled, UNesT's
-choice had lost 0.16 dB on them and about 0.5 dB on an unseen patch; README). All of them when that holds; else they are
-ordered by their rounding noise relative to their signal (from the statistics, per channel where an
-InstanceNorm reads them) per multiply-accumulate of the convolution (the most speed for the dB first), the
-longest prefix within the budget is found (galloping, then bisection), the one after it (which does not fit)
-is skipped and the search goes on with the rest, up to ``MAX_SELECTION_RUNS`` runs of the model in all. The
+choice had lost 0.16 dB on them and about 0.5 dB on an unseen patch; README). All of them when that holds;
+else each one's cost is measured alone on the first sample (one run each: a rounding-noise estimate from the
+statistics had put VISTA3D's few costly ones, near the output, among the first), they are ordered by that cost
+per multiply-accumulate of the convolution (the most speed for the dB first), the longest prefix within the
+budget is found (galloping, then bisection), the one after it (which does not fit) is skipped and the search
+goes on with the rest, up to ``MAX_SELECTION_RUNS`` runs of the model on all kept samples. The
 model runs with ONNX Runtime's QDQ fusions off: the
 quantizers' arithmetic, not a CPU's kernels. The choice goes into the file's metadata
 (``ort_output_quantizers.KEY``, with a summary under ``SUMMARY_KEY``); TensorRT and OpenVINO read the graph
@@ -165,17 +166,6 @@ class _ChannelStats:
         scale = (high - low) / 255.0
         return OutputQuantizer(scale, zero_point=int(np.clip(round(-128.0 - low / scale), -128, 127)))
 
-    def relative_noise(self, q: OutputQuantizer, normalized: bool) -> float:
-        """Rounding noise power of ``q`` over signal power (uniform rounding, ``scale² / 12``): per channel and
-        averaged when an InstanceNorm reads the tensor (``normalized``: it rescales every channel), else over
-        the whole tensor."""
-        mean, var = self.moments()
-        alpha = np.asarray(q.alpha) if q.alpha is not None else np.ones_like(mean)
-        noise = q.scale ** 2 / 12.0 / np.square(alpha)
-        if normalized:
-            return float(np.mean(noise / np.maximum(var, 1e-30)))
-        return float(np.mean(noise) / max(float(np.mean(self.squares / self.count)), 1e-30))
-
 
 def _session(model: onnx.ModelProto, arena: bool = True) -> ort.InferenceSession:
     """A CPU session without QDQ fusion; ``arena`` False returns its activations' memory after each run (the
@@ -273,28 +263,31 @@ def choose_output_quantizers(int8: onnx.ModelProto, observed: OutputStats, budge
                             reason="no convolution read in float with enough input channels")
     signal = np.array([sum_of_squares(r) for r in observed.reference])
     pooled: dict[tuple[str, ...], float] = {}  # SQNR over all kept samples (as sqnr_db of them concatenated)
-    per_sample: dict[tuple[str, ...], np.ndarray] = {}
 
-    def drop(names: Sequence[str]) -> float:
-        """The largest SQNR drop (vs the file as written) on any one kept sample with ``names``' quantizers."""
+    def sqnr(names: Sequence[str], count: int) -> np.ndarray:
+        """The SQNR (dB) of each of the first ``count`` kept samples with ``names``' quantizers."""
         model = onnx.ModelProto()
         model.CopyFrom(int8)
         add_output_quantizers(model, {n: measured[n] for n in names})
-        noise = np.array([sum_of_squares(r - o) for r, o in zip(observed.reference, _outputs(model, samples))])
-        key = tuple(names)
-        pooled[key] = sqnr_db_from_sums(float(signal.sum()), float(noise.sum()))
-        per_sample[key] = np.array([sqnr_db_from_sums(s, n) for s, n in zip(signal, noise)])
-        return float(np.max(per_sample[()] - per_sample[key])) if key else 0.0
+        noise = np.array([sum_of_squares(r - o) for r, o in zip(observed.reference, _outputs(model, samples[:count]))])
+        if count == len(samples):
+            pooled[tuple(names)] = sqnr_db_from_sums(float(signal.sum()), float(noise.sum()))
+        return np.array([sqnr_db_from_sums(s, n) for s, n in zip(signal, noise)])
+
+    def drop(names: Sequence[str]) -> float:
+        """The largest SQNR drop (vs the file as written) on any one kept sample with ``names``' quantizers."""
+        return float(np.max(base - sqnr(names, len(samples))))
 
     names = sorted(measured)
-    drop([])
+    base = sqnr([], len(samples))
     best = names
-    if drop(names) > budget_db:  # least rounding noise per multiply-accumulate first: the most speed per dB
-        noise = {n: observed.stats[n].relative_noise(measured[n], epsilon[n] is not None) for n in names}
+    if drop(names) > budget_db:  # the least dB per multiply-accumulate first: the most speed for the budget
+        alone = {n: float(base[0] - sqnr([n], 1)[0]) for n in names}  # each one's cost on the first sample
         inits = {i.name: i for i in int8.graph.initializer}
         work = {c.output[0]: _macs(c, producer, inits, observed.stats[c.output[0]]) for c in convs
-                if c.output[0] in noise}
-        best = _longest_fitting(sorted(names, key=lambda n: (noise[n] / work[n], n)), budget_db, drop)
+                if c.output[0] in alone}
+        best = _longest_fitting(sorted(names, key=lambda n: (max(alone[n], 0.0) / work[n], -work[n], n)),
+                                budget_db, drop)
     return OutputChoice({n: measured[n] for n in best}, len(names), budget_db, len(samples), pooled[()],
                         pooled[tuple(best)], "" if best else "no output quantizer fitted the budget "
                         "(MAX_SELECTION_RUNS runs)")
