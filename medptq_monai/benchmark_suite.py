@@ -291,9 +291,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# medptq-monai benchmark: all bundles at full size", "",
         f"Per patch: one real CT patch at each bundle's roi (batch 1), {s['warmup']} warm-up + {s['repeats']} timed "
-        f"call(s){_more_calls(s)}, median{_interleaved(s)}. INT8 calibration: {s['calib_patches'] or 'bundle default'} patches of "
-        "another patient's CT, in a subprocess whose peak RSS is reported. SQNR: INT8 logits (OpenVINO) vs torch "
-        "FP32 on the same patch. Weights: random (seed 0) where no full-size weights ship.", "",
+        f"call(s){_more_calls(s)}, median{_interleaved(s)}. INT8 calibration: "
+        f"{s['calib_patches'] or 'bundle default'} patches of another patient's CT, in a subprocess whose peak RSS "
+        "is reported. SQNR: INT8 logits (OpenVINO) vs torch FP32 on the same patch. Weights: random (seed 0) where "
+        "no full-size weights ship.", "",
         f"| bundle | params (M) | roi | ONNX FP32 MB | ONNX INT8 MB | size ratio | {head} | INT8 ISA (OV / ORT) "
         "| OV INT8 vs torch | OV INT8 vs OV FP32 | ORT INT8 vs ORT FP32 | SQNR dB OV / ORT | calib peak GiB "
         "| checker / TensorRT check |",
@@ -447,8 +448,8 @@ def run_suite(
     report = {
         "schema": SCHEMA,
         "settings": {"bundles_dir": str(Path(bundles_dir).resolve()), "data_dir": str(data), "quick": bool(quick),
-                     "repeats": repeats, "min_seconds": min_seconds, "timing": "interleaved", "warmup": warmup, "calib_patches": calib_patches,
-                     "threads": threads,
+                     "repeats": repeats, "min_seconds": min_seconds, "timing": "interleaved", "warmup": warmup,
+                     "calib_patches": calib_patches, "threads": threads,
                      "engines": [row_key(s) for s in CPU_ROWS],
                      "nncf": (nncf_version() or "not installed") if nncf else "off"},
         "machine": machine_info(),
