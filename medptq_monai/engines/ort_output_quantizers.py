@@ -177,28 +177,34 @@ def _bias_name(conv: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto]) -> 
     return name
 
 
+def _applicable(model: onnx.ModelProto, quantizers: Mapping[str, OutputQuantizer], min_channels: int,
+                producer: Mapping[str, onnx.NodeProto], readers: Mapping[str, list[onnx.NodeProto]],
+                inits: Mapping[str, onnx.TensorProto]
+                ) -> list[tuple[onnx.NodeProto, OutputQuantizer, tuple[np.ndarray, np.ndarray] | None]]:
+    """Each ``output_quantizer_convs`` convolution with a quantizer that applies to it: (conv, quantizer, its
+    ``_equalization_target``, None for an unequalized one)."""
+    found = []
+    for conv in output_quantizer_convs(model, min_channels):
+        q = quantizers.get(conv.output[0])
+        target = None if q is None or q.alpha is None else \
+            _equalization_target(conv, q, model, producer, readers, inits)
+        if q is not None and (q.alpha is None or target is not None):
+            found.append((conv, q, target))
+    return found
+
+
 def applicable_output_quantizers(model: onnx.ModelProto, quantizers: Mapping[str, OutputQuantizer],
                                  min_channels: int = MIN_CHANNELS) -> list[str]:
     """The outputs of ``quantizers`` that ``add_output_quantizers`` would quantize in ``model`` (read only)."""
     producer, readers = _graph_maps(model.graph)
     inits = {i.name: i for i in model.graph.initializer}
-    found = []
-    for conv in output_quantizer_convs(model, min_channels):
-        q = quantizers.get(conv.output[0])
-        if q is not None and (q.alpha is None or
-                              _equalization_target(conv, q, model, producer, readers, inits) is not None):
-            found.append(conv.output[0])
-    return found
+    return [conv.output[0] for conv, _, _ in _applicable(model, quantizers, min_channels, producer, readers, inits)]
 
 
-def _equalize(conv: onnx.NodeProto, q: OutputQuantizer, model: onnx.ModelProto,
-              producer: Mapping[str, onnx.NodeProto], readers: Mapping[str, list[onnx.NodeProto]],
-              inits: dict[str, onnx.TensorProto]) -> bool:
+def _equalize(conv: onnx.NodeProto, q: OutputQuantizer, target: tuple[np.ndarray, np.ndarray],
+              model: onnx.ModelProto, producer: Mapping[str, onnx.NodeProto]) -> None:
     """Scale ``conv``'s weight scales by ``q.alpha`` and set its bias to ``alpha * (bias - shift)`` (new
-    initializers); False, changing nothing, when the structure does not allow it."""
-    target = _equalization_target(conv, q, model, producer, readers, inits)
-    if target is None:
-        return False
+    initializers), from its ``_equalization_target``."""
     weight_scale, bias = target
     alpha, shift = np.asarray(q.alpha, np.float32), np.asarray(q.shift, np.float32)
     out = conv.output[0]
@@ -209,7 +215,6 @@ def _equalize(conv: onnx.NodeProto, q: OutputQuantizer, model: onnx.ModelProto,
     while len(conv.input) < 3:
         conv.input.append("")
     conv.input[2] = f"{out}/ort_bias"
-    return True
 
 
 def add_output_quantizers(model: onnx.ModelProto, quantizers: Mapping[str, OutputQuantizer],
@@ -221,11 +226,10 @@ def add_output_quantizers(model: onnx.ModelProto, quantizers: Mapping[str, Outpu
     producer, readers = _graph_maps(graph)  # another convolution's quantizers leave these as they are
     inits = {i.name: i for i in graph.initializer}
     added: list[str] = []
-    for conv in output_quantizer_convs(model, min_channels):
+    for conv, q, target in _applicable(model, quantizers, min_channels, producer, readers, inits):
         out = conv.output[0]
-        q = quantizers.get(out)
-        if q is None or (q.alpha is not None and not _equalize(conv, q, model, producer, readers, inits)):
-            continue
+        if target is not None:
+            _equalize(conv, q, target, model, producer)
         scale, zero = f"{out}/ort_output_scale", f"{out}/ort_output_zero_point"
         graph.initializer.extend([numpy_helper.from_array(np.array(q.scale, np.float32), scale),
                                   numpy_helper.from_array(np.array(q.zero_point, np.int8), zero)])
